@@ -1,0 +1,1 @@
+"""Everything between bytes and scores: storage, volumes, datasets, metrics, stages, the Ray Data graph."""

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up a virtual environment for MedPruner in .venv (idempotent; re-running is fast).
+#   TORCH_SPEC   the torch requirement to install first (default torch==2.13.0, the CPU wheel;
+#                on a GPU host use e.g. TORCH_SPEC='torch>=2.6,<2.14' for a CUDA build)
+#   EXTRAS       project extras to install (default "test"; "gpu" on GPU hosts)
+#   VENV         where the environment goes (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-test}
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"MedPruner needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}")
+PY
+
+# WordNet for METEOR, from Debian's wordnet-base (no download at run time).
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
+    else
+        echo "setup: WordNet is missing and this user cannot install it: run 'apt-get install wordnet-base' as root" >&2
+        exit 1
+    fi
+fi
+
+stamp="$VENV/.medpruner-setup"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first: a range in pyproject then admits it without pulling another build.
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+"$VENV/bin/python" -m pipeline.wordnet
+echo "$want" > "$stamp"
+echo "setup: environment ready in $VENV"

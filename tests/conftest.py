@@ -1,0 +1,37 @@
+"""Test-suite wide settings: Ray environment, GPU skipping, quiet dependencies.
+
+Tiers (see STYLE.md): pure unit tests need nothing; stage tests build tiny models and data in
+temporary directories; integration tests share one local Ray instance per module and start
+their own servers (SeaweedFS, Ray Serve) on 127.0.0.1, stopping them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before Ray is imported anywhere in the test process.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when no CUDA device is present (never counted as passing)."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
