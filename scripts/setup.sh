@@ -21,9 +21,9 @@ PY
 # WordNet for METEOR, from Debian's wordnet-base (no download at run time).
 if [ ! -f /usr/share/wordnet/data.noun ]; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
     elif command -v sudo >/dev/null 2>&1; then
-        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
     else
         echo "setup: WordNet is missing and this user cannot install it: run 'apt-get install wordnet-base' as root" >&2
         exit 1
