@@ -18,16 +18,24 @@ if sys.version_info < (3, 11):
     sys.exit(f"MedPruner needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}")
 PY
 
-# WordNet for METEOR, from Debian's wordnet-base (no download at run time).
-if [ ! -f /usr/share/wordnet/data.noun ]; then
+# WordNet for METEOR, from Debian's wordnet-base (no download at run time); wordnet-sense-index
+# is optional (nltk's direct sense-key lookups; METEOR does not need it).
+apt_install() {
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
     else
+        return 1
+    fi
+}
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+    apt_install wordnet-base wordnet-sense-index || {
         echo "setup: WordNet is missing and this user cannot install it: run 'apt-get install wordnet-base' as root" >&2
         exit 1
-    fi
+    }
+elif [ ! -f /usr/share/wordnet/index.sense ]; then
+    apt_install wordnet-sense-index || echo "setup: optional wordnet-sense-index not installed (not needed for METEOR)"
 fi
 
 stamp="$VENV/.medpruner-setup"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -37,11 +38,11 @@ def test_ray_validator_catches_broken_cluster_yaml() -> None:
 
     broken = _load_cluster()
     broken["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="not of type 'integer'"):
         validate_config(prepare_config(broken))
     typo = _load_cluster()
     typo["available_node_types"]["cpu_worker"]["max_wokers"] = 3
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="max_wokers"):
         validate_config(prepare_config(typo))
 
 
