@@ -1,0 +1,290 @@
+"""Typed configuration of an evaluation job (one YAML file + ``key=value`` overrides).
+
+``EvalConfig`` is the whole job: where results go (``output``), which dataset, which model,
+which pruning methods, how each stage is resourced on Ray, and how the run behaves (resume,
+progress). Every model rejects unknown keys, so a typo is an error naming the field, never a
+silently ignored setting. ``load_config`` turns a YAML path plus CLI overrides into a validated
+``EvalConfig`` and raises ``ConfigError`` with one readable line when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.storage import StorageOptions
+from pruning import PruningConfig
+
+SYNTHETIC = "synthetic"
+TINY_PREFIX = "tiny:"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageResources(_Strict):
+    """Resources and pool size of one stage, shared by Ray Data (actor pools) and Ray Serve."""
+
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs per actor (fractions allowed)")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per actor; 0 runs the stage on CPU (laptops, CI)"
+    )
+    min_actors: int = Field(1, ge=1, description="smallest actor pool size")
+    max_actors: int = Field(1, ge=1, description="largest actor pool size (autoscaling bound)")
+    batch_size: int = Field(4, ge=1, description="rows per call of the stage")
+    memory: int | None = Field(
+        None, ge=0, description="heap memory per actor in bytes, reserved by the scheduler"
+    )
+    max_restarts: int = Field(
+        -1, ge=-1, description="times a dead actor is restarted (-1: without limit)"
+    )
+    max_task_retries: int = Field(
+        3, ge=-1, description="times a batch lost with its actor is retried (-1: without limit)"
+    )
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> StageResources:
+        if self.min_actors > self.max_actors:
+            raise ValueError(
+                f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})"
+            )
+        return self
+
+    @property
+    def concurrency(self) -> tuple[int, int]:
+        """``(min_actors, max_actors)``."""
+        return self.min_actors, self.max_actors
+
+
+def _default_stages() -> dict[str, StageResources]:
+    return {
+        "load": StageResources(num_cpus=1.0, min_actors=1, max_actors=2, batch_size=4),
+        "infer": StageResources(num_cpus=1.0, min_actors=1, max_actors=1, batch_size=4),
+        "score": StageResources(num_cpus=0.5, min_actors=1, max_actors=1, batch_size=16),
+    }
+
+
+class StagesConfig(_Strict):
+    """Per-stage resources: CPU loading + IAF, model inference, CPU scoring."""
+
+    load: StageResources = Field(default_factory=lambda: _default_stages()["load"])
+    infer: StageResources = Field(default_factory=lambda: _default_stages()["infer"])
+    score: StageResources = Field(default_factory=lambda: _default_stages()["score"])
+
+
+class DatasetConfig(_Strict):
+    """Which manifest to read and how."""
+
+    uri: str = Field(
+        description="manifest path or s3:// URI; 'synthetic' builds a small synthetic dataset "
+        "in cache_dir (pipeline.synthetic.make_dataset) in the given format"
+    )
+    format: str = Field(description="manifest format, one of pipeline.datasets.DATASET_FORMATS")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N records")
+    storage: StorageOptions | None = Field(
+        None, description="object-store options for the dataset (default: top-level storage)"
+    )
+    synthetic_volumes: int = Field(
+        4, ge=1, description="phantom volumes to generate when uri=synthetic (each yields "
+        "several records: closed / open / report items)"
+    )
+    seed: int = Field(0, description="seed of the synthetic dataset")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from pipeline.datasets import DATASET_FORMATS
+
+        if value not in DATASET_FORMATS:
+            raise ValueError(f"unknown format {value!r}; valid: {', '.join(sorted(DATASET_FORMATS))}")
+        return value
+
+
+class ModelConfig(_Strict):
+    """The checkpoint to evaluate."""
+
+    path: str = Field(
+        description="local checkpoint folder, s3-synced path, HF id already in the local cache, "
+        "or 'tiny:<family>' to build a tiny offline checkpoint in cache_dir"
+    )
+    device: str | None = Field(None, description="torch device; None picks cuda when available")
+    dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+
+class MethodSpec(_Strict):
+    """One named pruning method; the name is the ``method`` column of the results."""
+
+    name: str = Field(description="label used in results and summaries (unique per job)")
+    pruning: PruningConfig = Field(description="the pruning configuration")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, data: Any) -> Any:
+        """Accept ``"original"`` or ``{name: ..., method: ..., tau: ...}`` (flat) forms."""
+        if isinstance(data, str):
+            data = {"method": data}
+        if isinstance(data, dict) and "pruning" not in data:
+            fields = dict(data)
+            name = fields.pop("name", None)
+            data = {"name": name if name is not None else fields.get("method", "medpruner"),
+                    "pruning": fields}
+        return data
+
+
+class RayOptions(_Strict):
+    """How to reach Ray: an existing cluster or a local instance started by the job."""
+
+    address: str | None = Field(
+        None, description="cluster address; None: RAY_ADDRESS, else a running local cluster, "
+        "else start a local instance; 'local' always starts a new one"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started instance")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started instance")
+    object_store_memory: int | None = Field(
+        None, ge=78_643_200, description="object store bytes of a locally started instance"
+    )
+    include_dashboard: bool = Field(False, description="start the dashboard with a local instance")
+    progress_bars: bool = Field(False, description="Ray Data's own progress bars")
+
+
+class RunOptions(_Strict):
+    """Behaviour of one run."""
+
+    resume: bool = Field(True, description="skip (id, method) pairs already in the output")
+    retry_errors: bool = Field(False, description="on resume, re-run pairs that ended in error")
+    flush_rows: int = Field(64, ge=1, description="rows per results part file written while running")
+    progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines")
+    max_volume_bytes: int = Field(
+        2 * 1024**3, ge=1, description="refuse volumes larger than this (bytes, after fetch)"
+    )
+
+
+class EvalConfig(_Strict):
+    """A complete evaluation job."""
+
+    output: str = Field(description="output folder (local path or s3:// URI)")
+    cache_dir: str = Field(
+        "~/.cache/medpruner", description="where tiny models and synthetic datasets are built"
+    )
+    storage: StorageOptions | None = Field(None, description="object-store options for output")
+    dataset: DatasetConfig
+    model: ModelConfig
+    methods: list[MethodSpec] = Field(min_length=1, description="pruning methods to evaluate")
+    scorer: Literal["reference", "standard"] = Field(
+        "reference", description="metric implementation (see pipeline.metrics)"
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="generation budget per sample")
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    ray: RayOptions = Field(default_factory=RayOptions)
+    run: RunOptions = Field(default_factory=RunOptions)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_names(cls, methods: list[MethodSpec]) -> list[MethodSpec]:
+        names = [m.name for m in methods]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"method names must be unique; repeated: {', '.join(duplicated)}")
+        return methods
+
+    @property
+    def dataset_storage(self) -> StorageOptions | None:
+        """Storage options for the dataset (its own, else the top-level ones)."""
+        return self.dataset.storage or self.storage
+
+    def cache_path(self) -> str:
+        """``cache_dir`` with ``~`` and environment variables expanded (local paths only)."""
+        if "://" in self.cache_dir:
+            return self.cache_dir
+        return str(Path(os.path.expandvars(self.cache_dir)).expanduser())
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/flow) to a nested dict.
+
+    Integer path parts index lists (``methods.1.tau=0.5``). Raises ConfigError for a malformed
+    override or an index out of range.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. output=/tmp/run)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        node: Any = data
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key}: {where} is not an index below {len(node)}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+            else:
+                raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a mapping")
+            if last:
+                node[index] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(index), dict | list):
+                    node[index] = {}
+                node = node[index]
+    return data
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: ``field.path: message (got value)``, joined with '; '."""
+    problems = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if p != "pruning")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc or 'config'}: {message}{shown}")
+    return "; ".join(problems)
+
+
+def parse_config(data: dict[str, Any]) -> EvalConfig:
+    """Validate a config dict; raises ConfigError with a one-line message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> EvalConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate it.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, bad override or invalid field (one line).
+    """
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
+    return parse_config(apply_overrides(data, list(overrides or [])))

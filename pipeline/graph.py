@@ -1,0 +1,290 @@
+"""The Ray Data evaluation graph: manifest -> samples x methods -> load -> infer -> score -> output.
+
+Only the manifest is read on the driver (it is small); volumes are fetched and decoded inside
+the load actors, and only the kept uint8 slices travel to the model actors. Finished rows
+stream back to the driver, which prints progress and appends them as Parquet parts under
+``<output>/results/``; at the end the parts are merged into ``results.parquet`` and
+``summary.json`` / ``summary.md`` are written.
+
+Resume: before a run, the parts already in the output are read and every (id, method) pair
+found there is skipped (error rows too, unless ``run.retry_errors``). The merge keeps the last
+row per pair, so a pair is never duplicated, and the merged table always holds exactly
+samples x methods rows.
+
+Fault tolerance: every stage returns one row per input row (failures become ``error`` rows);
+stage actors are created with ``max_restarts`` / ``max_task_retries`` so a killed actor is
+restarted and its batch retried by Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline.config import SYNTHETIC, EvalConfig, StageResources
+from pipeline.progress import Progress
+from pipeline.results import (
+    coerce_results,
+    merge_results,
+    read_parts,
+    write_results,
+)
+from pipeline.stages import InferStage, LoadStage, ScoreStage
+from pipeline.storage import exists, join_uri, read_bytes, write_bytes
+from pipeline.summary import summarize_results, summary_markdown
+
+
+class LoadActor(LoadStage):
+    """LoadStage as a Ray Data actor."""
+
+
+class InferActor(InferStage):
+    """InferStage as a Ray Data actor; records the node and process that ran each row."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        n = len(out["id"])
+        out["infer_node"] = np.asarray([ray.get_runtime_context().get_node_id()] * n, dtype=object)
+        out["infer_pid"] = np.full(n, os.getpid(), dtype=np.int64)
+        return out
+
+
+class ScoreActor(ScoreStage):
+    """ScoreStage as a Ray Data actor; drops the per-row slice index arrays."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        out.pop("slice_indices", None)
+        return out
+
+
+class OutputConflictError(ValueError):
+    """The output folder holds results of another model or method definition."""
+
+
+@dataclass
+class EvalResult:
+    """What a finished run produced."""
+
+    output: str
+    results_uri: str
+    summary: dict[str, Any]
+    rows: int
+    new_rows: int
+    errors: int
+    elapsed_s: float
+
+
+def resolve_manifest(config: EvalConfig) -> str:
+    """The manifest URI; builds (once) the synthetic dataset when ``dataset.uri: synthetic``."""
+    ds = config.dataset
+    if ds.uri != SYNTHETIC:
+        return ds.uri
+    from pipeline.synthetic import make_dataset
+
+    folder = join_uri(config.cache_path(), "datasets", f"{ds.format}-n{ds.synthetic_volumes}-s{ds.seed}")
+    marker = join_uri(folder, "medpruner-synthetic.json")
+    if exists(marker, config.dataset_storage):
+        return json.loads(read_bytes(marker, config.dataset_storage))["manifest"]
+    manifest = str(make_dataset(folder, ds.format, n=ds.synthetic_volumes, seed=ds.seed,
+                                storage=config.dataset_storage))
+    write_bytes(marker, json.dumps({"manifest": manifest}).encode(), config.dataset_storage)
+    return manifest
+
+
+def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
+    """One row per (record, method), method-major so batches share a pruning config."""
+    from pipeline.prompts import build_prompt
+
+    seen: dict[str, int] = {}
+    samples = []
+    for index, record in enumerate(records):
+        rid = str(record.id)
+        seen[rid] = seen.get(rid, 0) + 1
+        if seen[rid] > 1:  # resume keys on (id, method): ids must be unique
+            rid = f"{rid}~{seen[rid] - 1}"
+        samples.append({
+            "id": rid, "sample_index": index, "dataset": str(record.dataset or ""),
+            "volume_uri": str(record.volume_uri), "volume_format": str(record.volume_format or ""),
+            "question": str(record.question), "task": str(record.task),
+            "category": str(record.category or ""), "answer": str(record.answer),
+            "choices_json": json.dumps(record.choices or {}),
+            "prompt": build_prompt(record, record.task, record.choices),
+        })
+    model = config.model.path
+    return [
+        {**sample, "model": model, "method": spec.name,
+         "pruning": spec.pruning.model_dump_json()}
+        for spec in config.methods for sample in samples
+    ]
+
+
+def _check_compatible(existing: pa.Table, config: EvalConfig) -> None:
+    """Refuse to resume into an output written with another model or method definition."""
+    if existing.num_rows == 0:
+        return
+    models = set(existing.column("model").to_pylist())
+    if models - {config.model.path}:
+        raise OutputConflictError(f"output {config.output} holds results of model(s) {sorted(models)}, not "
+                         f"{config.model.path!r}; use another output or run.resume=false")
+    defined = {m.name: m.pruning.model_dump_json() for m in config.methods}
+    for name, pruning in zip(existing.column("method").to_pylist(),
+                             existing.column("pruning").to_pylist(), strict=True):
+        if name in defined and pruning != defined[name]:
+            raise OutputConflictError(f"output {config.output} has method {name!r} with a different "
+                             f"pruning config; rename the method or use another output")
+
+
+def pending(rows: list[dict[str, Any]], existing: pa.Table, retry_errors: bool) -> list[dict[str, Any]]:
+    """Rows whose (id, method) pair is not finished in ``existing``."""
+    if existing.num_rows == 0:
+        return rows
+    ids, methods = existing.column("id").to_pylist(), existing.column("method").to_pylist()
+    errors = existing.column("error").to_pylist()
+    done = {(i, m) for i, m, e in zip(ids, methods, errors, strict=True) if not (retry_errors and e)}
+    return [r for r in rows if (r["id"], r["method"]) not in done]
+
+
+def _map_stage(ds: ray.data.Dataset, stage: type, res: StageResources, kwargs: dict[str, Any]) -> ray.data.Dataset:
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts/retries yet; the catch-all
+        # ``**ray_remote_args`` is the only way and warns that it will be renamed.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return ds.map_batches(
+            stage, fn_constructor_kwargs=kwargs, batch_size=res.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory,
+            max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
+        )
+
+
+StageSpec = tuple[type, dict[str, Any]]
+
+
+def stage_specs(config: EvalConfig) -> dict[str, StageSpec]:
+    """The (actor class, constructor kwargs) of the load, infer and score stages."""
+    cache = config.cache_path()
+    return {
+        "load": (LoadActor, {"model": config.model.path, "storage": config.dataset_storage,
+                             "cache_dir": cache, "max_volume_bytes": config.run.max_volume_bytes}),
+        "infer": (InferActor, {"model": config.model.path, "device": config.model.device,
+                               "dtype": config.model.dtype, "cache_dir": cache,
+                               "max_new_tokens": config.max_new_tokens}),
+        "score": (ScoreActor, {"scorer": config.scorer}),
+    }
+
+
+def build_dataset(config: EvalConfig, rows: list[dict[str, Any]], *,
+                  stages: dict[str, StageSpec] | None = None) -> ray.data.Dataset:
+    """The lazy Ray Data graph over ``rows`` (the small per-sample records, no volumes).
+
+    ``stages`` replaces some of ``stage_specs(config)`` (benchmarks use a stand-in model).
+    """
+    specs = {**stage_specs(config), **(stages or {})}
+    blocks = max(1, min(len(rows), -(-len(rows) // config.stages.load.batch_size), 1000))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    for name in ("load", "infer", "score"):
+        stage, kwargs = specs[name]
+        ds = _map_stage(ds, stage, getattr(config.stages, name), kwargs)
+    return ds
+
+
+def _stream(ds: ray.data.Dataset, config: EvalConfig, run_id: str, progress: Progress,
+            on_batch: Callable[[pa.Table], None] | None) -> int:
+    """Iterate finished rows, writing parts every ``flush_rows``; returns rows written."""
+    parts_dir = join_uri(config.output, "results")
+    buffered: list[pa.Table] = []
+    seq = written = 0
+
+    def flush() -> None:
+        nonlocal seq, written
+        if buffered:
+            table = pa.concat_tables(buffered)
+            write_results(join_uri(parts_dir, f"part-{run_id}-{seq:05d}.parquet"), table, config.storage)
+            seq, written = seq + 1, written + table.num_rows
+            buffered.clear()
+
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for batch in batches:
+            table = coerce_results(batch, run_id)
+            buffered.append(table)
+            if sum(t.num_rows for t in buffered) >= config.run.flush_rows:
+                flush()
+            progress.update(table.column("method").to_pylist(), table.column("error").to_pylist())
+            if on_batch is not None:
+                on_batch(batch)
+    finally:
+        flush()  # keep what finished even when interrupted
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return written
+
+
+def run_evaluation(
+    config: EvalConfig,
+    *,
+    on_batch: Callable[[pa.Table], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    stages: dict[str, StageSpec] | None = None,
+) -> EvalResult:
+    """Run (or resume) one evaluation on the connected Ray cluster and write its outputs.
+
+    Args:
+        config: the job.
+        on_batch: called on the driver with every finished batch, as the last stage produced
+            it (a pyarrow Table, extra columns included), after it was buffered for writing.
+        log: where progress and status lines go (default: print).
+        stages: replacement stage specs (see ``build_dataset``).
+
+    Raises:
+        OutputConflictError: the output holds results of another model or method definition.
+        RuntimeError: the merged results do not hold exactly samples x methods rows.
+    """
+    from pipeline.datasets import read_records
+
+    say = log or (lambda line: print(line, flush=True))
+    started = time.monotonic()
+    ray.data.DataContext.get_current().enable_progress_bars = config.ray.progress_bars
+    manifest = resolve_manifest(config)
+    records = list(read_records(manifest, config.dataset.format, storage=config.dataset_storage))
+    records = records[: config.dataset.limit] if config.dataset.limit else records
+    rows = expand_rows(config, records)
+    existing = read_parts(join_uri(config.output, "results"), config.storage) if config.run.resume else None
+    existing = existing if existing is not None else pa.table({"id": [], "method": [], "error": []})
+    if existing.num_rows:
+        _check_compatible(existing, config)
+    todo = pending(rows, existing, config.run.retry_errors)
+    totals = {m.name: len(records) for m in config.methods}
+    done = {m: sum(1 for r in rows if r["method"] == m) - sum(1 for r in todo if r["method"] == m)
+            for m in totals}
+    say(f"evaluate: {len(records)} samples x {len(config.methods)} methods = {len(rows)} rows; "
+        f"{len(rows) - len(todo)} already in {config.output}, {len(todo)} to run")
+    progress = Progress(totals, done, interval_s=config.run.progress_interval_s, log=say)
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    new_rows = _stream(build_dataset(config, todo, stages=stages), config, run_id, progress, on_batch) if todo else 0
+    progress.maybe_report(force=True)
+    merged = merge_results(read_parts(join_uri(config.output, "results"), config.storage), rows)
+    if merged.num_rows != len(rows):
+        raise RuntimeError(f"results hold {merged.num_rows} rows, expected {len(rows)} "
+                           f"(samples x methods); re-run to resume the missing ones")
+    results_uri = join_uri(config.output, "results.parquet")
+    write_results(results_uri, merged, config.storage)
+    summary = summarize_results(merged, [m.name for m in config.methods])
+    summary["config"] = json.loads(config.model_dump_json())
+    write_bytes(join_uri(config.output, "summary.json"), json.dumps(summary, indent=2).encode(), config.storage)
+    write_bytes(join_uri(config.output, "summary.md"), summary_markdown(summary).encode(), config.storage)
+    errors = sum(1 for e in merged.column("error").to_pylist() if e)
+    return EvalResult(config.output, results_uri, summary, merged.num_rows, new_rows, errors,
+                      time.monotonic() - started)

@@ -1,0 +1,209 @@
+"""The Ray Data evaluation graph: pure helpers, then real runs on one shared local Ray.
+
+The Ray tests use the real stages, the tiny model and a synthetic dataset with one corrupt
+volume; they cover a local run in which the model actor is killed, and resume after an
+interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.graph import (
+    OutputConflictError,
+    _check_compatible,
+    expand_rows,
+    pending,
+    run_evaluation,
+    stage_specs,
+)
+from pipeline.progress import Progress
+from pipeline.results import RESULT_COLUMNS, coerce_results, merge_results
+from pipeline.summary import summarize_results, summary_markdown
+from tests.jobs.helpers import (
+    crash_once_infer_stage,
+    manifest_with_corrupt_volume,
+    small_config,
+    start_local_ray,
+)
+
+DESIGN_COLUMNS = (
+    "id, dataset, model, method, task, category, question, answer, prediction, correct, bleu1, "
+    "bleu4, rouge1, rougeL, meteor, slices_total, slices_kept, tokens_total, tokens_kept, r_rate, "
+    "t_load_s, t_iaf_s, t_vision_s, t_prefill_s, t_decode_s, t_total_s, error"
+).split(", ")
+
+
+class Interrupted(Exception):
+    """Raised from ``on_batch`` to simulate a job stopped half way."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("graph")
+    return {"manifest": manifest_with_corrupt_volume(root), "cache": str(root / "cache"),
+            "root": str(root)}
+
+
+def _config(data: dict[str, str], name: str, **extra: object):
+    return small_config(os.path.join(data["root"], name), data["manifest"], "jsonl", data["cache"], **extra)
+
+
+# ---------------------------------------------------------------- pure helpers (no Ray)
+
+def test_expand_rows_is_method_major_with_prompts(data: dict[str, str]) -> None:
+    from pipeline.datasets import read_records
+
+    config = _config(data, "unused")
+    records = read_records(data["manifest"], "jsonl")
+    rows = expand_rows(config, records)
+    assert len(rows) == 2 * len(records)
+    assert [r["method"] for r in rows] == ["original"] * len(records) + ["medpruner"] * len(records)
+    assert rows[0]["prompt"] and rows[0]["model"] == "tiny:qwen2_5_vl"
+    assert json.loads(rows[-1]["pruning"])["method"] == "medpruner"
+    twice = expand_rows(config, [records[0], records[0]])
+    assert [r["id"] for r in twice[:2]] == [records[0].id, f"{records[0].id}~1"]
+
+
+def _rows(pairs: list[tuple[str, str, str]], run: str = "r1") -> pa.Table:
+    return coerce_results(pa.table({"id": [p[0] for p in pairs], "method": [p[1] for p in pairs],
+                                    "error": [p[2] for p in pairs], "tokens_kept": [5] * len(pairs)}), run)
+
+
+def test_pending_skips_finished_pairs_and_optionally_retries_errors() -> None:
+    rows = [{"id": i, "method": m} for m in ("a", "b") for i in ("x", "y")]
+    existing = _rows([("x", "a", ""), ("y", "a", "load: bad")])
+    assert [(r["id"], r["method"]) for r in pending(rows, existing, False)] == [("x", "b"), ("y", "b")]
+    assert len(pending(rows, existing, True)) == 3
+
+
+def test_merge_keeps_last_row_per_pair_in_row_order() -> None:
+    parts = pa.concat_tables([_rows([("y", "a", "boom"), ("x", "a", "")], "r1"),
+                              _rows([("y", "a", ""), ("z", "old", "")], "r2")])
+    rows = [{"id": "x", "method": "a"}, {"id": "y", "method": "a"}]
+    merged = merge_results(parts, rows)
+    assert merged.column("id").to_pylist() == ["x", "y"]
+    assert merged.column("run_id").to_pylist() == ["r1", "r2"]
+    assert merged.column("error").to_pylist() == ["", ""]
+
+
+def test_coerce_results_has_the_schema_and_nulls_counts_of_failed_rows() -> None:
+    table = _rows([("x", "a", ""), ("y", "a", "infer: boom")])
+    assert tuple(table.column_names) == RESULT_COLUMNS
+    assert set(DESIGN_COLUMNS) <= set(table.column_names)
+    assert table.column("tokens_kept").to_pylist() == [5, None]
+
+
+def test_resume_refuses_a_changed_method_definition(data: dict[str, str]) -> None:
+    config = _config(data, "unused")
+    existing = coerce_results(pa.table({
+        "id": ["x"], "method": ["medpruner"], "model": ["tiny:qwen2_5_vl"], "error": [""],
+        "pruning": ['{"method": "medpruner", "tau": 0.5}']}), "r1")
+    with pytest.raises(OutputConflictError, match="different pruning config"):
+        _check_compatible(existing, config)
+
+
+def test_progress_line_counts_per_method() -> None:
+    lines: list[str] = []
+    progress = Progress({"original": 4, "medpruner": 4}, {"original": 2}, interval_s=60, log=lines.append)
+    progress.update(["original", "medpruner"], ["", "infer: x"])
+    progress.maybe_report(force=True)
+    assert "4/8" in lines[-1] and "original 3/4" in lines[-1] and "medpruner 1/4" in lines[-1]
+    assert "errors 1" in lines[-1] and "rows/s" in lines[-1]
+
+
+def test_summary_reports_rates_both_ways_and_baseline_quality() -> None:
+    table = coerce_results(pa.table({
+        "id": ["a", "b", "a", "b"], "method": ["original"] * 2 + ["m"] * 2,
+        "task": ["open"] * 4, "category": ["c"] * 4, "error": [""] * 4,
+        "bleu1": [0.5, 0.5, 0.25, 0.5], "bleu4": [0.2] * 4, "rouge1": [0.4] * 4,
+        "rougeL": [0.4] * 4, "meteor": [0.3] * 4, "slices_total": [4, 4, 4, 4],
+        "slices_kept": [4, 4, 2, 4], "tokens_total": [100, 300, 100, 300],
+        "tokens_after_iaf": [100, 300, 50, 300], "tokens_kept": [100, 300, 10, 150],
+        "t_total_s": [1.0, 3.0, 0.5, 0.5]}), "r")
+    summary = summarize_results(table, ["original", "m"])
+    original, pruned = summary["methods"]["original"], summary["methods"]["m"]
+    assert original["quality_pct"] == pytest.approx(100.0)
+    assert 0 < pruned["quality_pct"] < 100
+    assert pruned["r_rate_mean"] == pytest.approx((0.1 + 0.5) / 2)
+    assert pruned["r_rate_pooled"] == pytest.approx(160 / 400)
+    assert original["timings"]["t_total_s"] == pytest.approx(2.0)
+    assert "| m |" in summary_markdown(summary)
+    json.dumps(summary, allow_nan=False)
+
+
+# ---------------------------------------------------------------- on a local Ray
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+def _ids_and_methods(uri: str) -> list[tuple[str, str]]:
+    table = pq.read_table(uri, columns=["id", "method"])
+    return list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(), strict=True))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_local_run_survives_a_killed_model_actor_and_a_corrupt_volume(
+    ray_session: None, data: dict[str, str]
+) -> None:
+    """All rows written although the model actor dies mid-run; the corrupt volume is one error
+    row per method; results, summary and progress as specified."""
+    config = _config(data, "local", stages={"infer": {"num_cpus": 1, "batch_size": 1}})
+    marker = Path(data["root"], "crashed.pid")
+    _, kwargs = stage_specs(config)["infer"]
+    crashing = (crash_once_infer_stage(), {**kwargs, "crash_marker": str(marker)})
+    lines: list[str] = []
+    result = run_evaluation(config, log=lines.append, stages={"infer": crashing})
+    assert marker.exists()  # the model actor really was killed
+    table = pq.read_table(result.results_uri)
+    assert table.num_rows == result.rows == 10  # (4 records + 1 corrupt) x 2 methods
+    assert set(DESIGN_COLUMNS) <= set(table.column_names)
+    assert len(set(_ids_and_methods(result.results_uri))) == 10
+    pids = set(table.column("infer_pid").to_pylist()) - {None}
+    assert pids and pids != {int(marker.read_text())}  # a restarted actor did (re)do the work
+    errors = {(r["id"], r["method"]): r["error"] for r in table.to_pylist() if r["error"]}
+    assert set(errors) == {("corrupt-volume", "original"), ("corrupt-volume", "medpruner")}
+    assert all(e.startswith("load: ") for e in errors.values())
+    ok = table.filter(pa.compute.equal(table.column("error"), ""))
+    assert all(isinstance(p, str) for p in ok.column("prediction").to_pylist())
+    medpruner = [r for r in ok.to_pylist() if r["method"] == "medpruner"]
+    assert all(0 < r["r_rate"] <= 1 for r in medpruner)
+    summary = json.loads(Path(data["root"], "local", "summary.json").read_text())
+    assert summary["methods"]["original"]["quality_pct"] == pytest.approx(100.0)
+    assert summary["methods"]["medpruner"]["errors"] == 1
+    assert "medpruner" in Path(data["root"], "local", "summary.md").read_text()
+    assert any(line.startswith("progress: 10/10") for line in lines)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_duplicates(ray_session: None, data: dict[str, str]) -> None:
+    config = _config(data, "resume", run={"flush_rows": 1, "progress_interval_s": 0.5})
+
+    def stop(_: pa.Table) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_evaluation(config, on_batch=stop, log=lambda _: None)
+    parts = list(Path(data["root"], "resume", "results").glob("part-*.parquet"))
+    first = sum(pq.read_metadata(p).num_rows for p in parts)
+    assert 0 < first < 10
+    result = run_evaluation(config, log=lambda _: None)
+    assert result.new_rows == 10 - first
+    pairs = _ids_and_methods(result.results_uri)
+    assert len(pairs) == len(set(pairs)) == 10
+    again = run_evaluation(config, log=lambda _: None)  # nothing left: no new rows, same table
+    assert again.new_rows == 0 and _ids_and_methods(again.results_uri) == pairs

@@ -1,0 +1,149 @@
+"""The evaluation stages called directly (no Ray): real tiny model, real phantom volumes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.stages import InferStage, LoadStage, ScoreStage, resolve_model
+from pipeline.synthetic import make_phantom
+from pruning import PruningConfig
+
+MODEL = "tiny:qwen2_5_vl"
+ORIGINAL = PruningConfig(method="original").model_dump_json()
+MEDPRUNER = PruningConfig(method="medpruner", tau=0.9, gamma=0.05).model_dump_json()
+PROMPT = "Which organ holds the lesion?\nA. liver\nB. spleen\nAnswer with the option's letter."
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("cache")
+    resolve_model(MODEL, str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("volumes")
+    paths = {}
+    for seed in range(2):
+        paths[f"v{seed}"] = str(root / f"v{seed}.npy")
+        np.save(paths[f"v{seed}"], make_phantom(seed, depth=12, size=48).volume)
+    paths["corrupt"] = str(root / "corrupt.npy")
+    Path(paths["corrupt"]).write_bytes(b"\x93NUMPY garbage, not an array")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def load(cache: str) -> LoadStage:
+    return LoadStage(MODEL, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def infer(cache: str) -> InferStage:
+    return InferStage(MODEL, cache_dir=cache, max_new_tokens=3)
+
+
+def _batch(uris: list[str], prunings: list[str], **extra: list) -> dict[str, np.ndarray]:
+    n = len(uris)
+    batch = {
+        "id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "volume_uri": np.array(uris, dtype=object),
+        "volume_format": np.array(["npy"] * n, dtype=object),
+        "pruning": np.array(prunings, dtype=object),
+        "prompt": np.array([PROMPT] * n, dtype=object),
+        "answer": np.array(["A"] * n, dtype=object),
+        "task": np.array(["closed"] * n, dtype=object),
+    }
+    batch.update({k: np.array(v, dtype=object) for k, v in extra.items()})
+    return batch
+
+
+def test_resolve_model_builds_tiny_once_and_passes_paths_through(cache: str) -> None:
+    first = resolve_model(MODEL, cache)
+    assert (Path(first) / "config.json").exists()
+    assert resolve_model(MODEL, cache) == first
+    assert resolve_model("/some/checkpoint", cache) == "/some/checkpoint"
+
+
+def test_load_stage_emits_only_kept_uint8_slices(load: LoadStage, volumes: dict[str, str]) -> None:
+    out = load(_batch([volumes["v0"], volumes["v0"]], [ORIGINAL, MEDPRUNER]))
+    h, w = load.recipe.size
+    assert list(out["id"]) == ["r0", "r1"] and list(out["error"]) == ["", ""]
+    full, pruned = out["slices"]
+    assert full.dtype == np.uint8 and full.shape == (12, h, w, 3)
+    assert list(out["slice_indices"][0]) == list(range(12))
+    assert 1 <= pruned.shape[0] <= 12 and pruned.shape[1:] == (h, w, 3)
+    kept = out["slice_indices"][1]
+    assert kept.dtype == np.int64 and list(kept) == sorted(set(kept)) and len(kept) == pruned.shape[0]
+    np.testing.assert_array_equal(pruned, full[kept])
+    assert list(out["slices_total"]) == [12, 12]
+    assert all(t >= 0 for t in out["t_load_s"]) and all(t >= 0 for t in out["t_iaf_s"])
+
+
+def test_load_stage_turns_failures_into_error_rows(load: LoadStage, volumes: dict[str, str]) -> None:
+    batch = _batch([volumes["v0"], volumes["corrupt"], "/nonexistent/x.npy", volumes["v1"]],
+                   [ORIGINAL] * 4, error=["", "", "", "upstream: broke"])
+    out = load(batch)
+    assert out["error"][0] == ""
+    assert out["error"][1].startswith("load: ") and out["error"][2].startswith("load: ")
+    assert out["error"][3] == "upstream: broke"  # passes through untouched
+    assert [s.shape[0] for s in out["slices"]] == [12, 0, 0, 0]
+    assert math.isnan(out["t_load_s"][1])
+
+
+def test_load_stage_prefers_inline_bytes(load: LoadStage, volumes: dict[str, str]) -> None:
+    data = Path(volumes["v1"]).read_bytes()
+    out = load(_batch(["/not/read.npy"], [ORIGINAL], volume_bytes=[data]))
+    assert out["error"][0] == "" and out["slices"][0].shape[0] == 12
+    assert "volume_bytes" not in out
+
+
+@pytest.mark.parametrize("stage_name", ["load", "infer", "score"])
+def test_missing_column_is_a_clear_error(stage_name: str, load: LoadStage, infer: InferStage) -> None:
+    stage = {"load": load, "infer": infer, "score": ScoreStage()}[stage_name]
+    with pytest.raises(ValueError, match="lacks required column"):
+        stage({"id": np.array(["x"], dtype=object)})
+
+
+def test_infer_stage_generates_with_stats_and_keeps_order(
+    load: LoadStage, infer: InferStage, volumes: dict[str, str]
+) -> None:
+    loaded = load(_batch([volumes["v0"], volumes["corrupt"], volumes["v1"], volumes["v0"]],
+                         [ORIGINAL, ORIGINAL, MEDPRUNER, MEDPRUNER]))
+    out = infer(loaded)
+    assert list(out["id"]) == ["r0", "r1", "r2", "r3"] and "slices" not in out
+    assert out["error"][1].startswith("load: ")
+    ok = [0, 2, 3]
+    assert all(out["error"][i] == "" for i in ok), out["error"]
+    assert all(isinstance(out["prediction"][i], str) for i in ok)
+    assert out["r_rate"][0] == pytest.approx(1.0) and out["tokens_kept"][0] == out["tokens_total"][0]
+    for i in (2, 3):
+        assert 0 < out["tokens_kept"][i] <= out["tokens_after_iaf"][i] <= out["tokens_total"][i]
+        assert out["r_rate"][i] == pytest.approx(out["tokens_kept"][i] / out["tokens_total"][i])
+    assert all(out["t_total_s"][i] >= out["t_vision_s"][i] >= 0 for i in ok)
+    assert math.isnan(out["t_total_s"][1])
+
+
+def test_infer_stage_isolates_a_bad_row(load: LoadStage, infer: InferStage, volumes: dict[str, str]) -> None:
+    loaded = load(_batch([volumes["v0"], volumes["v1"]], [ORIGINAL, ORIGINAL]))
+    loaded["slice_indices"][1] = np.arange(99, dtype=np.int64)  # does not match its slices
+    out = infer(loaded)
+    assert out["error"][0] == "" and out["error"][1].startswith("infer: ")
+
+
+def test_score_stage_scores_and_skips_error_rows() -> None:
+    batch = {
+        "prediction": np.array(["A", "B. spleen", "right lower lobe", ""], dtype=object),
+        "answer": np.array(["A", "A", "right lower lobe", "x"], dtype=object),
+        "task": np.array(["closed", "closed", "open", "open"], dtype=object),
+        "error": np.array(["", "", "", "infer: boom"], dtype=object),
+    }
+    out = ScoreStage(scorer="reference")(batch)
+    assert list(out["correct"][:2]) == [1.0, 0.0] and math.isnan(out["correct"][2])
+    assert out["bleu1"][2] == pytest.approx(1.0) and out["rouge1"][2] == pytest.approx(1.0)
+    assert all(math.isnan(out[c][3]) for c in ("correct", "bleu1", "meteor"))
+    assert list(out["scorer"]) == ["reference"] * 4 and out["error"][3] == "infer: boom"
