@@ -1,0 +1,194 @@
+"""Serve benchmark: HTTP latency/throughput with and without ``@serve.batch`` + graph overhead.
+
+``python -m jobs.benchmark serve [--size tiny|bench] [--requests 48] [--depth 8]
+[--max-new-tokens 24]``
+
+Starts a local Ray (4 logical CPUs) and Serve on 127.0.0.1 (a free port), serves a tiny
+offline model and measures, side by side in one run:
+- the HTTP + graph overhead: one request over HTTP (batching off, concurrency 1) against the
+  same work done in process (``LoadStage`` + ``InferStage`` on one row), interleaved call by
+  call so both see the same machine load;
+- p50/p95 latency and requests/s at concurrency 1, 4 and 16, with batching on and off.
+Traffic goes to loopback only and is bounded by ``--requests``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+CONCURRENCY = (1, 4, 16)
+QUESTION = "Describe the findings."
+
+
+def _volume(seed: int, depth: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(40, 30, (depth, 64, 64))
+    vol[:, :8] = -1000
+    out = io.BytesIO()
+    np.save(out, vol.astype(np.int16))
+    return out.getvalue()
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[round(0.95 * (len(ordered) - 1))]
+
+
+async def _traffic(url: str, bodies: list[dict], concurrency: int, total: int):
+    """``total`` POSTs at ``concurrency``: (latencies of 200s, requests/s, non-200 count)."""
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    failures = 0
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(i: int) -> None:
+            nonlocal failures
+            async with gate:
+                t0 = time.perf_counter()
+                r = await client.post(url + "/v1/analyze", json=bodies[i % len(bodies)])
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    failures += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(total)))
+        wall = time.perf_counter() - t0
+    return latencies, len(latencies) / wall, failures
+
+
+def _overhead(url: str, model_dir: str, body: dict, pruning_json: str, repeats: int):
+    """Interleaved direct (in-process stages) and HTTP latencies of the same request."""
+    import httpx
+    import torch
+
+    from pipeline.prompts import build_prompt
+    from pipeline.stages import InferStage, LoadStage
+
+    torch.set_num_threads(1)  # as the model replica (num_cpus=1 -> OMP_NUM_THREADS=1)
+    load = LoadStage(model_dir)
+    infer = InferStage(model_dir, max_new_tokens=body["max_new_tokens"])
+    row = {"id": ["b"], "volume_uri": [""], "volume_format": ["npy"],
+           "volume_bytes": [base64.b64decode(body["volume"]["data"])],
+           "pruning": [pruning_json], "prompt": [build_prompt(QUESTION, "open")]}
+    batch = {k: np.array(v, dtype=object) for k, v in row.items()}
+    direct, http, gaps = [], [], []
+    with httpx.Client(timeout=600) as client:
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            out = infer(load(dict(batch)))
+            t1 = time.perf_counter()
+            r = client.post(url + "/v1/analyze", json=body)
+            t2 = time.perf_counter()
+            assert out["error"][0] == "" and r.status_code == 200, (out["error"][0], r.text)
+            assert r.json()["answer"] == out["prediction"][0]
+            if i >= 2:  # warm-up
+                direct.append(t1 - t0)
+                http.append(t2 - t1)
+                # Outside the stages' own timed work (t_total_s), on each path: what the
+                # HTTP path adds is the difference, free of the model's compute noise.
+                gaps.append((t2 - t1 - r.json()["timings"]["t_total_s"])
+                            - (t1 - t0 - float(out["t_total_s"][0])))
+    return direct, http, gaps
+
+
+def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool) -> dict:
+    return {"model": model_dir, "pruning": pruning, "log_level": "ERROR",
+            "max_new_tokens": max_new_tokens, "request_timeout_s": 600,
+            "preprocess": {"resources": {"num_cpus": 1, "min_actors": 2, "max_actors": 2,
+                                         "batch_size": 1}},
+            "infer": {"resources": {"num_cpus": 1, "batch_size": 4},
+                      "max_ongoing_requests": 16, "max_queued_requests": -1,
+                      "batching": {"enabled": batching, "batch_wait_timeout_s": 0.01}}}
+
+
+def _print(opts: argparse.Namespace, rows: list, direct: list[float], http: list[float],
+           gaps: list[float]) -> None:
+    print(f"\nServe benchmark: {opts.size} qwen2_5_vl model, {opts.depth}x64x64 int16 npy "
+          f"volumes inline, {opts.max_new_tokens} new tokens, medpruner tau=0.9 gamma=0.05, "
+          f"127.0.0.1\n")
+    print("| @serve.batch | concurrency | requests | p50 ms | p95 ms | req/s | non-200 |")
+    print("|---|---|---|---|---|---|---|")
+    for batching, c, total, p50, p95, rps, failures in rows:
+        print(f"| {'on' if batching else 'off'} | {c} | {total} | {p50 * 1e3:.1f} | "
+              f"{p95 * 1e3:.1f} | {rps:.2f} | {failures} |")
+    d50, d95 = _percentiles(direct)
+    h50, h95 = _percentiles(http)
+    print(f"\nIn process (LoadStage + InferStage, one row): p50 {d50 * 1e3:.1f} ms, "
+          f"p95 {d95 * 1e3:.1f} ms")
+    print(f"Over HTTP (batching off, c=1, interleaved):   p50 {h50 * 1e3:.1f} ms, "
+          f"p95 {h95 * 1e3:.1f} ms")
+    raw = [h - d for h, d in zip(http, direct, strict=True)]
+    print(f"HTTP + graph overhead p50: {statistics.median(raw) * 1e3:.1f} ms (paired latency "
+          f"difference); {statistics.median(gaps) * 1e3:.1f} ms net of the stages' own timed "
+          f"work (target < 30 ms)")
+    rps = {(b, c): r for b, c, _, _, _, r, _ in rows}
+    print(f"Batching throughput at c=16: {rps[(True, 16)] / rps[(False, 16)]:.2f}x "
+          f"(target >= 1.5x)")
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark and print its tables."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark serve", description=__doc__)
+    parser.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
+    parser.add_argument("--depth", type=int, default=8, help="slices per volume")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    opts = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from pipeline.stages import resolve_model
+    from pruning import PruningConfig
+    from pruning.testing import make_tiny_vlm
+    from serve.app import build_app
+
+    cache = tempfile.mkdtemp(prefix="medpruner-serve-bench-")
+    model_dir = (resolve_model("tiny:qwen2_5_vl", cache) if opts.size == "tiny"
+                 else str(make_tiny_vlm("qwen2_5_vl", os.path.join(cache, "bench"), size="bench")))
+    pruning = PruningConfig(method="medpruner", tau=0.9, gamma=0.05)
+    bodies = [{"volume": {"data": base64.b64encode(_volume(s, opts.depth)).decode(),
+                          "format": "npy"}, "question": QUESTION, "task": "open",
+               "max_new_tokens": opts.max_new_tokens} for s in range(4)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             object_store_memory=300 * 1024**2,
+             log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600},
+                logging_config={"enable_access_log": False, "log_level": "ERROR"})
+    url = f"http://127.0.0.1:{port}"
+    rows: list = []
+    try:
+        for batching in (False, True):
+            args = _app_args(model_dir, pruning.model_dump(), opts.max_new_tokens, batching)
+            serve.run(build_app(args), name="bench", route_prefix="/")
+            asyncio.run(_traffic(url, bodies, 4, 8))  # warm-up
+            if not batching:
+                direct, http, gaps = _overhead(url, model_dir, bodies[0],
+                                               pruning.model_dump_json(), 12)
+            for c in CONCURRENCY:
+                total = max(opts.requests // (4 if c == 1 else 1), 4 * c)
+                lat, rps, failures = asyncio.run(_traffic(url, bodies, c, total))
+                rows.append((batching, c, total, *_percentiles(lat), rps, failures))
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(cache, ignore_errors=True)
+    _print(opts, rows, direct, http, gaps)
+    return 0

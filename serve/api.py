@@ -1,0 +1,403 @@
+"""The HTTP API: a FastAPI app over an analysis backend (the Serve graph, or a fake in tests).
+
+Routes: ``POST /v1/analyze`` (JSON or multipart), ``POST /v1/visualize`` (same body -> PNG),
+``POST /v1/chat/completions`` (OpenAI subset), ``GET /v1/models``, ``GET /healthz``.
+Every error is JSON ``{"error": {"type", "message"}}``; client mistakes map to 4xx, overload
+to 503, the in-app deadline to 504. The app never logs request bodies or volume URIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pruning import PruningConfig
+from serve.chat import ChatRequest, chat_body, chat_stream, chat_to_analyze
+from serve.config import ServeAppConfig
+from serve.schemas import AnalyzeOptions, AnalyzeRequest, AnalyzeResponse, AnalyzeStats, VolumeRef
+from serve.security import (
+    ApiError,
+    check_bearer,
+    decode_base64,
+    resolve_volume_uri,
+    safe_text,
+)
+
+logger = logging.getLogger("medpruner.serve")
+JSON_TYPES = ("application/json",)
+MULTIPART_TYPE = "multipart/form-data"
+
+
+@dataclass
+class AnalysisJob:
+    """One validated request, ready for the stages (volume checked against the allow-lists)."""
+
+    id: str
+    volume_uri: str
+    volume_bytes: bytes
+    volume_format: str
+    prompt: str
+    pruning: PruningConfig
+    max_new_tokens: int
+    want_slices: bool = False
+
+
+@dataclass
+class AnalysisResult:
+    """What the backend answers: stage outputs merged into one row, optional slices."""
+
+    row: dict[str, Any]
+    slices: np.ndarray | None = None  # (k, h, w, 3) uint8 kept slices, when asked for
+    token_grid: tuple[int, int] | None = None  # LLM tokens per slice as rows x cols
+
+
+class Backend(Protocol):
+    """The analysis service behind the API."""
+
+    async def analyze(self, job: AnalysisJob) -> AnalysisResult:
+        """Run one job; raise ApiError for failures attributable to the request."""
+
+    async def ready(self) -> dict[str, Any]:
+        """Model info when the model is loaded; raise ApiError(503) otherwise."""
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies above ``max_bytes`` with 413 (declared length, then counted bytes)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(413, "request_too_large",
+                         f"the request body exceeds the limit of {self.max_bytes} bytes")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse(error.to_body(), status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise error
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
+    """The JSON response of an ApiError (with its headers and the request id)."""
+    headers = dict(error.headers)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+
+
+def validation_message(exc: ValidationError) -> str:
+    """``field.path: message`` for each problem, joined with '; '."""
+    parts = []
+    for item in exc.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}")
+    return safe_text("; ".join(parts), 1000)
+
+
+def parse_model(model: type[BaseModel], data: Any) -> Any:
+    """Validate ``data`` into ``model`` or raise ApiError 422."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", validation_message(exc)) from None
+
+
+def media_type(request: Request) -> str:
+    """The request's media type without parameters, lower case ('' if none)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_json(request: Request) -> Any:
+    """The JSON body, or ApiError 415 (wrong type) / 400 (malformed)."""
+    if media_type(request) not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       "send the body as application/json")
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {safe_text(exc, 120)}") \
+            from None
+
+
+def merge_pruning(default: PruningConfig, overrides: dict[str, Any] | None) -> PruningConfig:
+    """The default pruning with a request's overrides applied (422 for bad fields)."""
+    if not overrides:
+        return default
+    try:
+        return PruningConfig.model_validate({**default.model_dump(), **overrides})
+    except ValidationError as exc:
+        message = validation_message(exc)
+        raise ApiError(422, "invalid_pruning", f"pruning: {message}") from None
+
+
+def volume_format(fmt: str | None) -> str | None:
+    """A client's volume format normalised (aliases, ``zip``); None when not given.
+
+    Raises:
+        ApiError: 400 naming the valid formats.
+    """
+    from pipeline.volumes import FORMATS, VolumeError, normalise_format
+
+    if fmt is None or not fmt.strip():
+        return None
+    if fmt.strip().lower().lstrip(".") == "zip":
+        return "zip"
+    try:
+        return normalise_format(fmt)
+    except VolumeError:
+        raise ApiError(400, "unsupported_format", f"unknown volume format "
+                       f"{safe_text(fmt, 40)!r}; valid: {', '.join(FORMATS)} (or zip)") from None
+
+
+def format_from_filename(filename: str | None) -> str | None:
+    """The format an upload's file name implies (``ct.nii.gz`` -> nifti, ``*.zip`` -> zip)."""
+    from pipeline.volumes import format_from_name
+
+    if not filename:
+        return None
+    return "zip" if filename.lower().endswith(".zip") else format_from_name(filename)
+
+
+class RequestBuilder:
+    """Turns validated requests into AnalysisJobs (allow-lists, limits, prompt)."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.cfg = cfg
+
+    def job(self, fields: AnalyzeOptions, volume: VolumeRef | None, *,
+            upload: bytes | None = None, upload_format: str | None = None,
+            want_slices: bool = False) -> AnalysisJob:
+        """Build the job; ``volume`` (JSON) or ``upload`` (multipart bytes) names the volume."""
+        from pipeline.prompts import build_prompt
+
+        limits = self.cfg.limits
+        if len(fields.question) > limits.max_question_chars:
+            raise ApiError(422, "invalid_request",
+                           f"question: at most {limits.max_question_chars} characters")
+        max_new = fields.max_new_tokens or self.cfg.max_new_tokens
+        if max_new > limits.max_new_tokens:
+            raise ApiError(422, "invalid_request",
+                           f"max_new_tokens: at most {limits.max_new_tokens}")
+        uri, data = "", b""
+        if volume is None:
+            data, fmt = upload or b"", volume_format(upload_format)
+        else:
+            fmt = volume_format(volume.format)
+            if volume.data is not None:
+                data = decode_base64(volume.data, limits.max_volume_bytes)
+            else:
+                uri = resolve_volume_uri(volume.uri, local_roots=self.cfg.access.local_roots,
+                                         allowed_buckets=self.cfg.access.allowed_buckets)
+        if data and fmt is None:
+            raise ApiError(422, "invalid_request", "format: required for inline volumes "
+                           "(e.g. npy, nifti, dicom, nrrd, zip)")
+        if len(data) > limits.max_volume_bytes:
+            raise ApiError(413, "volume_too_large",
+                           f"the volume exceeds the limit of {limits.max_volume_bytes} bytes")
+        try:
+            prompt = build_prompt(fields.question, fields.task, fields.choices)
+        except (ValueError, TypeError) as exc:
+            raise ApiError(422, "invalid_request", safe_text(exc)) from None
+        return AnalysisJob(
+            id=f"req-{uuid.uuid4().hex[:16]}", volume_uri=uri, volume_bytes=data,
+            volume_format=fmt or "", prompt=prompt,
+            pruning=merge_pruning(self.cfg.pruning, fields.pruning), max_new_tokens=max_new,
+            want_slices=want_slices)
+
+
+def analysis_body(cfg: ServeAppConfig, job: AnalysisJob, result: AnalysisResult, task: str,
+                  with_tokens: bool, t_start: float) -> dict[str, Any]:
+    """The /v1/analyze response body from a backend result."""
+    row = result.row
+    timings = {k: float(v) for k, v in row.items()
+               if k.startswith("t_") and k.endswith("_s") and v == v}  # drop NaN
+    timings["t_request_s"] = time.perf_counter() - t_start
+    stats = AnalyzeStats(
+        slices_total=int(row["slices_total"]), slices_kept=int(row["slices_kept"]),
+        tokens_total=int(row["tokens_total"]), tokens_kept=int(row["tokens_kept"]),
+        r_rate=float(row["r_rate"]), kept_slices=json.loads(row["kept_slices_json"]))
+    body = AnalyzeResponse(
+        id=job.id, model=cfg.model_name, answer=str(row["prediction"]), task=task,
+        pruning=job.pruning.model_dump(mode="json"), stats=stats, timings=timings,
+        kept_tokens=json.loads(row["kept_tokens_json"]) if with_tokens else None)
+    return body.model_dump(mode="json")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        logger.info("request failed: status=%s type=%s", exc.status, exc.type)
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        return error_response(ApiError(exc.status_code, kinds.get(exc.status_code, "http_error"),
+                                       safe_text(exc.detail, 200)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error: %s", type(exc).__name__)
+        return error_response(ApiError(500, "internal_error",
+                                       "internal error; the request was not processed"))
+
+
+class Service:
+    """The route handlers, bound to one config and backend."""
+
+    def __init__(self, cfg: ServeAppConfig, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.builder = RequestBuilder(cfg)
+        self.token = cfg.access.token()
+
+    def authorize(self, request: Request) -> None:
+        """401 unless the configured bearer token (if any) is sent."""
+        check_bearer(request.headers.get("authorization"), self.token)
+
+    async def run(self, job: AnalysisJob) -> AnalysisResult:
+        """The backend under the app's deadline (504 after ``request_timeout_s``)."""
+        timeout = self.cfg.request_timeout_s
+        try:
+            return await asyncio.wait_for(self.backend.analyze(job), timeout)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"the analysis took longer than {timeout:g} s; "
+                           "try a smaller volume") from None
+
+    async def parse_analyze(self, request: Request,
+                            want_slices: bool) -> tuple[AnalysisJob, AnalyzeOptions]:
+        """A JSON or multipart analysis request -> (job, its options)."""
+        if media_type(request) == MULTIPART_TYPE:
+            return await _parse_multipart(request, self.builder, want_slices)
+        req = parse_model(AnalyzeRequest, await read_json(request))
+        return self.builder.job(req, req.volume, want_slices=want_slices), req
+
+    async def analyze(self, request: Request) -> JSONResponse:
+        """POST /v1/analyze."""
+        t0 = time.perf_counter()
+        self.authorize(request)
+        job, req = await self.parse_analyze(request, want_slices=False)
+        request.state.request_id = job.id
+        result = await self.run(job)
+        body = analysis_body(self.cfg, job, result, req.task, req.return_kept_tokens, t0)
+        return JSONResponse(body, headers={"X-Request-Id": job.id})
+
+    async def visualize(self, request: Request) -> Response:
+        """POST /v1/visualize: PNG of the kept slices with kept tokens outlined."""
+        from serve.visualize import render_kept_tokens
+
+        self.authorize(request)
+        job, _ = await self.parse_analyze(request, want_slices=True)
+        request.state.request_id = job.id
+        result = await self.run(job)
+        png = await asyncio.to_thread(
+            render_kept_tokens, result.slices, json.loads(result.row["kept_slices_json"]),
+            json.loads(result.row["kept_tokens_json"]), result.token_grid,
+            title=str(result.row["prediction"]))
+        return Response(png, media_type="image/png", headers={"X-Request-Id": job.id})
+
+    async def chat_completions(self, request: Request) -> Response:
+        """POST /v1/chat/completions (OpenAI subset, optional SSE streaming)."""
+        t0 = time.perf_counter()
+        self.authorize(request)
+        chat = parse_model(ChatRequest, await read_json(request))
+        name = self.cfg.model_name
+        if chat.model not in (name, self.cfg.model):
+            raise ApiError(404, "model_not_found",
+                           f"unknown model {safe_text(chat.model, 80)!r}; valid: {name}")
+        try:
+            req = chat_to_analyze(chat)
+        except (ValueError, ValidationError) as exc:
+            message = validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise ApiError(422, "invalid_request", safe_text(message)) from None
+        job = self.builder.job(req, req.volume)
+        request.state.request_id = job.id
+        result = await self.run(job)
+        body = chat_body(name, analysis_body(self.cfg, job, result, req.task,
+                                             req.return_kept_tokens, t0))
+        return chat_stream(body) if chat.stream else JSONResponse(body)
+
+    async def models(self, request: Request) -> JSONResponse:
+        """GET /v1/models."""
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "medpruner",
+             "root": self.cfg.model, "pruning": self.cfg.pruning.model_dump(mode="json")}]})
+
+    async def healthz(self) -> JSONResponse:
+        """GET /healthz: 200 once the model is loaded (no auth)."""
+        try:
+            info = await asyncio.wait_for(self.backend.ready(), 5.0)
+        except TimeoutError:
+            raise ApiError(503, "not_ready", "the model is still loading") from None
+        return JSONResponse({"status": "ok", "model": self.cfg.model_name, **info})
+
+
+def create_app(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
+    """Build the FastAPI app serving ``backend`` under ``cfg``'s limits and access rules."""
+    app = FastAPI(title="MedPruner", version="1", docs_url="/docs", redoc_url=None)
+    _install_error_handlers(app)
+    service = Service(cfg, backend)
+    app.post("/v1/analyze")(service.analyze)
+    app.post("/v1/visualize")(service.visualize)
+    app.post("/v1/chat/completions")(service.chat_completions)
+    app.get("/v1/models")(service.models)
+    app.get("/healthz")(service.healthz)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.limits.max_body_bytes)
+    return app
+
+
+async def _parse_multipart(request: Request, builder: RequestBuilder,
+                           want_slices: bool) -> tuple[AnalysisJob, AnalyzeOptions]:
+    """A multipart upload: file part ``volume`` + form fields of AnalyzeRequest."""
+    from starlette.datastructures import UploadFile
+
+    form = await request.form(max_files=1, max_fields=16, max_part_size=256 * 1024)
+    upload = form.get("volume")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "invalid_request", "volume: a multipart upload needs a file part "
+                       "named 'volume'")
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key == "volume" or not isinstance(value, str):
+            continue
+        if key in ("choices", "pruning"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ApiError(422, "invalid_request", f"{key}: must be a JSON object") from None
+        fields[key] = value
+    fmt = fields.pop("format", None) or format_from_filename(upload.filename)
+    data = await upload.read(builder.cfg.limits.max_volume_bytes + 1)
+    if not data:
+        raise ApiError(422, "invalid_request", "volume: the uploaded file is empty")
+    options = parse_model(AnalyzeOptions, fields)
+    return builder.job(options, None, upload=data, upload_format=fmt,
+                       want_slices=want_slices), options

@@ -1,0 +1,296 @@
+"""The Ray Serve deployment graph: FastAPI ingress -> CPU preprocessing -> model.
+
+- ``Preprocessor`` holds a ``pipeline.stages.LoadStage`` (fetch, decode, window, resize, IAF)
+  and calls it with one-row batches.
+- ``ModelServer`` holds a ``pipeline.stages.InferStage`` (one model per replica) and gathers
+  concurrent requests with ``@serve.batch`` (size = ``infer.resources.batch_size``).
+- ``Ingress`` serves the FastAPI app of ``serve.api`` and drives the two handles.
+
+Replica resources, counts and autoscaling come from the same ``StageResources`` spec as the
+evaluation job. Run with ``serve run serve.app:app`` (defaults: a tiny offline model) or
+``serve run serve.app:build_app model=<checkpoint> pruning.tau=0.8`` or a serve config YAML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from serve.api import AnalysisJob, AnalysisResult, create_app
+from serve.config import DeploymentOptions, ServeAppConfig, parse_app_args
+from serve.security import (
+    ApiError,
+    VolumeLimitError,
+    check_volume_shape,
+    dicom_identifiers,
+    dicom_identifiers_at,
+    redact,
+    safe_text,
+)
+
+logger = logging.getLogger("medpruner.serve")
+
+
+def rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """One-dict-per-row -> a numpy batch (object columns for arrays, bytes and strings)."""
+    batch: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if all(isinstance(v, int | float | bool | np.number) for v in values):
+            batch[key] = np.asarray(values)
+        else:
+            column = np.empty(len(values), dtype=object)
+            for i, value in enumerate(values):  # element-wise: never broadcast equal shapes
+                column[i] = value
+            batch[key] = column
+    return batch
+
+
+def batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """A numpy batch -> one dict per row (numpy scalars become Python scalars)."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+            for i in range(n)]
+
+
+def stage_error_to_api(error: str) -> ApiError:
+    """Map a stage's ``error`` string (``"<stage>: <Type>: <message>"``) to an HTTP error."""
+    stage, _, rest = error.partition(": ")
+    kind, _, message = rest.partition(": ")
+    message = safe_text(message or rest)
+    if stage == "load":
+        if kind == "VolumeLimitError" or (kind in ("ValueError", "VolumeError") and (
+                "exceeds" in message or "over the" in message and "cap" in message)):
+            return ApiError(413, "volume_too_large", message)
+        if kind == "FileNotFoundError":
+            return ApiError(404, "volume_not_found", "no volume exists at the given URI")
+        if kind == "PermissionError":
+            return ApiError(403, "forbidden_uri", "the volume at the given URI cannot be read")
+        if kind in ("ConnectionError", "TimeoutError", "EndpointConnectionError", "ClientError"):
+            return ApiError(502, "storage_unavailable", "the object store did not answer")
+        return ApiError(400, "invalid_volume", message)
+    if stage == "infer" and kind == "ValueError":
+        return ApiError(400, "invalid_volume", message)
+    return ApiError(500, "inference_error", "the model failed on this request")
+
+
+def deployment_options(spec: DeploymentOptions, log_level: str) -> dict[str, Any]:
+    """Serve ``.options(...)`` of a deployment from its typed spec."""
+    res = spec.resources
+    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.memory:
+        actor["memory"] = res.memory
+    options: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
+        "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": min(2.0, spec.graceful_shutdown_timeout_s or 0.1),
+        "health_check_period_s": spec.health_check_period_s,
+        "logging_config": {"enable_access_log": False, "log_level": log_level},
+    }
+    if res.min_actors == res.max_actors:
+        options["num_replicas"] = res.min_actors
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": res.min_actors, "max_replicas": res.max_actors,
+            "target_ongoing_requests": spec.target_ongoing_requests}
+    return options
+
+
+def _limited_load_stage(cfg: ServeAppConfig) -> Any:
+    """A LoadStage that refuses decoded volumes above the slice/side limits (413)."""
+    from pipeline.stages import LoadStage
+
+    class LimitedLoadStage(LoadStage):
+        # Checks the decoded volume's shape before windowing/resizing spend time on it.
+        def _volume(self, batch: Any, i: int) -> Any:
+            volume = super()._volume(batch, i)
+            try:
+                check_volume_shape(volume.array.shape, max_slices=cfg.limits.max_slices,
+                                   max_dim=cfg.limits.max_side)
+            except ApiError as exc:
+                raise VolumeLimitError(exc.message) from None
+            return volume
+
+    return LimitedLoadStage(cfg.model, storage=cfg.storage, cache_dir=cfg.cache_dir,
+                            max_volume_bytes=cfg.limits.max_volume_bytes)
+
+
+@serve.deployment
+class Preprocessor:
+    """CPU deployment: one LoadStage; one-row batches in a worker thread."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        logging.getLogger("medpruner").setLevel(cfg.log_level)
+        self._stage = _limited_load_stage(cfg)
+
+    def info(self) -> dict[str, Any]:
+        """Slice recipe facts the ingress needs (token grid of a slice)."""
+        recipe = self._stage.recipe
+        return {"family": recipe.family, "token_grid": tuple(int(s) for s in recipe.token_grid)}
+
+    def _load(self, row: dict[str, Any]) -> dict[str, Any]:
+        data, uri = row.get("volume_bytes") or b"", row["volume_uri"]
+        out = batch_to_rows(self._stage(rows_to_batch([row])))[0]
+        if out["error"]:  # DICOM identifiers never leave in an error (object stores: see README)
+            ids = dicom_identifiers(data) if data else (
+                dicom_identifiers_at(uri) if uri.startswith("/") else [])
+            out["error"] = redact(out["error"], ids)
+        return out
+
+    async def load(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Load, window, resize and IAF-select one volume; returns the stage's output row."""
+        return await asyncio.to_thread(self._load, row)
+
+
+@serve.deployment
+class ModelServer:
+    """Model deployment: one InferStage (one model) per replica, ``@serve.batch``-ed."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        from pipeline.stages import InferStage
+
+        logging.getLogger("medpruner").setLevel(cfg.log_level)
+        self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                 max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir)
+        self._batching = cfg.infer.batching.enabled
+        self._lock = threading.Lock()  # one generate at a time on this replica's model
+        self.infer_batch.set_max_batch_size(cfg.infer.resources.batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(cfg.infer.batching.batch_wait_timeout_s)
+
+    def ready(self) -> dict[str, Any]:
+        """Model facts; answering at all means the model is loaded."""
+        vlm = self._stage.vlm
+        return {"family": vlm.family, "device": str(vlm.device), "batching": self._batching}
+
+    def check_health(self) -> None:
+        """Serve's health probe: the model must be present."""
+        if getattr(self._stage, "vlm", None) is None:
+            raise RuntimeError("model not loaded")
+
+    def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run the stage over ``rows``, grouped by their generation budget, keeping order."""
+        out: list[dict[str, Any] | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(int(row["max_new_tokens"]), []).append(i)
+        with self._lock:
+            for budget, members in groups.items():
+                self._stage.max_new_tokens = budget
+                results = batch_to_rows(self._stage(rows_to_batch([rows[i] for i in members])))
+                for i, result in zip(members, results, strict=True):
+                    out[i] = result
+        return out  # type: ignore[return-value]
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def infer_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Gathered requests in one stage call (sizes set from the config in __init__)."""
+        return await asyncio.to_thread(self._run, rows)
+
+    async def infer(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One request: through the batcher, or alone when batching is disabled."""
+        if self._batching:
+            return await self.infer_batch(row)
+        return (await asyncio.to_thread(self._run, [row]))[0]
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """HTTP ingress: the FastAPI app of serve.api over the two deployment handles."""
+
+    def __init__(self, cfg: ServeAppConfig, preprocess: DeploymentHandle,
+                 model: DeploymentHandle) -> None:
+        logging.getLogger("medpruner").setLevel(cfg.log_level)
+        self._cfg = cfg
+        self._pre = preprocess
+        self._model = model
+        self._recipe_info: dict[str, Any] | None = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self._cfg, self)
+
+    async def _call(self, method: Any, row: Any) -> dict[str, Any]:
+        try:
+            return await method.remote(row)
+        except BackPressureError:
+            raise ApiError(503, "overloaded", "the server is at capacity; retry shortly",
+                           {"Retry-After": "1"}) from None
+        except DeploymentUnavailableError:
+            raise ApiError(503, "unavailable", "the model is not available yet") from None
+
+    async def analyze(self, job: AnalysisJob) -> AnalysisResult:
+        """Run the graph for one job; stage errors become ApiErrors."""
+        row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
+               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
+               "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
+        if not job.want_slices:
+            # Chain the handles: the loaded row (kept slices) goes from the preprocessing
+            # replica straight to the model replica, never through the ingress. A load error
+            # row passes InferStage untouched and is mapped below.
+            result = await self._call(self._model.infer, self._pre.load.remote(row))
+            if result["error"]:
+                raise self._client_error(result["error"], job)
+            return AnalysisResult(row=result)
+        loaded = await self._call(self._pre.load, row)
+        if loaded["error"]:
+            raise self._client_error(loaded["error"], job)
+        result = await self._call(self._model.infer, loaded)
+        if result["error"]:
+            raise self._client_error(result["error"], job)
+        slices, grid = await self._kept_view(loaded["slices"], loaded["slice_indices"], result)
+        return AnalysisResult(row=result, slices=slices, token_grid=grid)
+
+    def _client_error(self, error: str, job: AnalysisJob) -> ApiError:
+        api_error = stage_error_to_api(error)
+        if job.volume_uri:  # never reveal the resolved server path
+            api_error.message = api_error.message.replace(job.volume_uri, "<volume>")
+        api_error.message = api_error.message.replace(job.id, "<volume>")
+        if api_error.status >= 500:
+            logger.warning("stage failure (%s): %s", job.id, safe_text(error, 300))
+        return api_error
+
+    async def _kept_view(self, slices: np.ndarray, indices: np.ndarray,
+                         result: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
+        import json
+
+        if self._recipe_info is None:
+            self._recipe_info = await self._pre.info.remote()
+        info = self._recipe_info
+        position = {int(s): i for i, s in enumerate(indices)}
+        kept = [position[s] for s in json.loads(result["kept_slices_json"]) if s in position]
+        return slices[kept], info["token_grid"]
+
+    async def ready(self) -> dict[str, Any]:
+        """Model facts once a model replica answers; 503 until then."""
+        try:
+            return await self._model.ready.remote()
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            raise ApiError(503, "not_ready", "the model is not loaded yet") from None
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Ray Serve builder: validated args -> the bound deployment graph.
+
+    Args:
+        args: ``ServeAppConfig`` fields, nested or as dotted keys with string values
+            (``serve run serve.app:build_app model=/ckpt pruning.tau=0.8``).
+    Raises:
+        pipeline.config.ConfigError: an unknown key or an invalid value (one line).
+    """
+    cfg = parse_app_args(args)
+    level = cfg.log_level
+    pre = Preprocessor.options(**deployment_options(cfg.preprocess, level)).bind(cfg)
+    model = ModelServer.options(**deployment_options(cfg.infer, level)).bind(cfg)
+    return Ingress.options(**deployment_options(cfg.ingress, level)).bind(cfg, pre, model)
+
+
+app = build_app({})

@@ -1,0 +1,287 @@
+"""Typed configuration of the serving application and of its serve config YAML.
+
+``ServeAppConfig`` holds everything the deployment graph needs: the model, the default
+pruning, the per-deployment resources (the same ``pipeline.config.StageResources`` the
+evaluation job uses), batching, limits and access rules. ``parse_app_args`` turns the
+``args`` of Ray's builder convention (``serve run serve.app:build_app model=... pruning.tau=0.8``
+gives flat strings; a serve config YAML gives nested values) into a validated config.
+``load_serve_config`` validates a whole serve config YAML strictly: Serve itself ignores
+unknown keys, this does not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from pipeline.config import ConfigError, StageResources
+from pipeline.storage import StorageOptions
+from pruning import PruningConfig
+
+MiB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOptions(_Strict):
+    """One deployment: its resources/replicas (shared spec) plus Serve's queueing knobs.
+
+    ``resources.min_actors == max_actors`` gives a fixed replica count; otherwise Serve
+    autoscales between them aiming at ``target_ongoing_requests`` per replica.
+    """
+
+    resources: StageResources = Field(default_factory=StageResources,
+                                      description="CPUs/GPUs/memory per replica, replica bounds")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller "
+                                     "before 503 backpressure (-1: no limit)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target per replica")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="drain time on shutdown")
+    health_check_period_s: float = Field(10.0, gt=0, description="replica health check interval")
+
+
+class BatchingOptions(_Strict):
+    """``@serve.batch`` on the model deployment; the batch size is ``resources.batch_size``."""
+
+    enabled: bool = Field(True, description="gather concurrent requests into one generate call")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10,
+                                        description="longest wait for a batch to fill")
+
+
+class InferDeploymentOptions(DeploymentOptions):
+    """The model deployment: one model per replica, optionally batched."""
+
+    batching: BatchingOptions = Field(default_factory=BatchingOptions)
+
+    @model_validator(mode="after")
+    def _room_for_a_batch(self) -> InferDeploymentOptions:
+        if self.batching.enabled and self.max_ongoing_requests < self.resources.batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"resources.batch_size ({self.resources.batch_size}) for @serve.batch")
+        return self
+
+
+class Limits(_Strict):
+    """Sizes a request may have; larger ones are refused with 413 (or 422 for text)."""
+
+    max_body_bytes: int = Field(96 * MiB, ge=1024, description="HTTP body (JSON or multipart)")
+    max_volume_bytes: int = Field(64 * MiB, ge=1024, description="volume file bytes (inline, "
+                                  "uploaded, or fetched by URI)")
+    max_slices: int = Field(1024, ge=1, description="slices (depth) of a decoded volume")
+    max_side: int = Field(1024, ge=8, description="height/width of a decoded slice, pixels")
+    max_question_chars: int = Field(8000, ge=1, description="question text length")
+    max_new_tokens: int = Field(512, ge=1, description="upper bound of a request's budget")
+
+
+class Access(_Strict):
+    """What the service may read and who may call it."""
+
+    local_roots: list[str] = Field(default_factory=list, description="directories whose files "
+                                   "may be named by path (none: no local reads)")
+    allowed_buckets: list[str] = Field(default_factory=list, description="object-store buckets "
+                                       "(and prefixes), e.g. 's3://scans' or 's3://scans/ct/'")
+    api_token_env: str | None = Field("MEDPRUNER_API_TOKEN", description="environment variable "
+                                      "holding the bearer token; set (non-empty) -> auth required")
+    api_token: SecretStr | None = Field(None, description="bearer token given directly (tests); "
+                                        "prefer api_token_env")
+
+    def token(self) -> str | None:
+        """The bearer token clients must send, or None when auth is off."""
+        if self.api_token is not None and self.api_token.get_secret_value():
+            return self.api_token.get_secret_value()
+        return os.environ.get(self.api_token_env) or None if self.api_token_env else None
+
+
+def _default_ingress() -> DeploymentOptions:
+    return DeploymentOptions(resources=StageResources(num_cpus=0.1, batch_size=1),
+                             max_ongoing_requests=256)
+
+
+def _default_preprocess() -> DeploymentOptions:
+    return DeploymentOptions(resources=StageResources(num_cpus=0.5, batch_size=1),
+                             max_ongoing_requests=4, max_queued_requests=64)
+
+
+def _default_infer() -> InferDeploymentOptions:
+    return InferDeploymentOptions(resources=StageResources(num_cpus=1.0, batch_size=4),
+                                  max_ongoing_requests=8, max_queued_requests=64)
+
+
+class ServeAppConfig(_Strict):
+    """The serving application: model, default pruning, deployments, limits, access."""
+
+    model: str = Field("tiny:qwen2_5_vl", description="checkpoint folder, HF id in the local "
+                       "cache, or 'tiny:<family>' (a tiny offline model built in cache_dir)")
+    served_model_name: str | None = Field(None, description="name in /v1/models and responses "
+                                          "(default: derived from model)")
+    cache_dir: str = Field("~/.cache/medpruner", description="where tiny models are built")
+    device: str | None = Field(None, description="torch device (None: cuda when available)")
+    dtype: str | None = Field(None, description="torch dtype name (None: model default)")
+    pruning: PruningConfig = Field(default_factory=PruningConfig,
+                                   description="default pruning; requests override fields")
+    max_new_tokens: int = Field(64, ge=1, description="default generation budget")
+    request_timeout_s: float = Field(120.0, gt=0, description="end-to-end budget of one "
+                                     "request inside the app (504 after it)")
+    storage: StorageOptions | None = Field(None, description="object-store options")
+    limits: Limits = Field(default_factory=Limits)
+    access: Access = Field(default_factory=Access)
+    ingress: DeploymentOptions = Field(default_factory=_default_ingress)
+    preprocess: DeploymentOptions = Field(default_factory=_default_preprocess)
+    infer: InferDeploymentOptions = Field(default_factory=_default_infer)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING")
+
+    @model_validator(mode="after")
+    def _budgets(self) -> ServeAppConfig:
+        if self.max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) exceeds "
+                             f"limits.max_new_tokens ({self.limits.max_new_tokens})")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The public model name (``served_model_name`` or the checkpoint's folder name)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("tiny:"):
+            return "medpruner-" + self.model.replace(":", "-")
+        return Path(self.model.rstrip("/")).name or self.model
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """``field.path: message (got value)`` per problem, joined with '; ' (full paths kept)."""
+    problems = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "config"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        problems.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(problems)
+
+
+def _parse_flat_value(value: Any) -> Any:
+    """CLI values arrive as strings: parse lists/maps/null; leave scalars to pydantic."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text in ("null", "None", "~"):
+        return None
+    if text[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def expand_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"pruning.tau": "0.8"}`` -> ``{"pruning": {"tau": "0.8"}}`` (dotted keys nest)."""
+    out: dict[str, Any] = {}
+    for key, value in (args or {}).items():
+        node = out
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"argument {key}: {part} is not a mapping")
+            node = child
+        value = _parse_flat_value(value)
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def parse_app_args(args: dict[str, Any] | None) -> ServeAppConfig:
+    """Validate builder arguments (flat dotted strings or nested) into a ServeAppConfig.
+
+    Raises:
+        ConfigError: one line naming each bad field and what is valid.
+    """
+    if args is not None and not isinstance(args, dict):
+        raise ConfigError(f"serve app args must be a mapping, got {type(args).__name__}")
+    try:
+        return ServeAppConfig.model_validate(expand_args(args or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid serve app args: {format_validation_error(exc)}") from None
+
+
+# --- serve config YAML (serve run / serve deploy) -----------------------------------------
+
+class HttpOptionsSpec(_Strict):
+    """Serve's ``http_options`` (subset we allow)."""
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only behind a firewall")
+    port: int = Field(8000, ge=1, le=65535)
+    root_path: str = ""
+    request_timeout_s: float | None = Field(None, gt=0, description="proxy timeout (408)")
+    keep_alive_timeout_s: int | None = Field(None, ge=1)
+
+
+class LoggingSpec(_Strict):
+    """Serve's ``logging_config`` (subset we allow)."""
+
+    encoding: Literal["TEXT", "JSON"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+    logs_dir: str | None = None
+    enable_access_log: bool | None = None
+
+
+class ApplicationSpec(_Strict):
+    """One application of the serve config; ``args`` are ``ServeAppConfig`` fields."""
+
+    name: str = Field(..., min_length=1)
+    route_prefix: str = Field("/", pattern=r"^/")
+    import_path: Literal["serve.app:build_app", "serve.app:app"]
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict)
+    logging_config: LoggingSpec | None = None
+
+    @model_validator(mode="after")
+    def _args_valid(self) -> ApplicationSpec:
+        if self.import_path == "serve.app:app" and self.args:
+            raise ValueError("serve.app:app takes no args; use serve.app:build_app")
+        parse_app_args(self.args)
+        return self
+
+
+class ServeConfigFile(_Strict):
+    """A serve config YAML for ``serve run`` / ``serve deploy``, validated strictly."""
+
+    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
+    http_options: HttpOptionsSpec = Field(default_factory=HttpOptionsSpec)
+    logging_config: LoggingSpec | None = None
+    applications: list[ApplicationSpec] = Field(..., min_length=1)
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> ServeConfigFile:
+    """Read and validate a serve config YAML (our strict schema, then Serve's own).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or invalid value (one line).
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read serve config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serve config {path} is not valid YAML: {' '.join(str(exc).split())}") \
+            from None
+    try:
+        spec = ServeConfigFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid serve config {path}: {format_validation_error(exc)}") from None
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"serve config {path} rejected by Ray Serve: "
+                          f"{format_validation_error(exc)}") from None
+    return spec
