@@ -71,10 +71,18 @@ class PruningConfig(BaseModel):
         "output normalised with mean=std=0.5); a slice is kept if its distance is strictly "
         "greater. gamma < 0 keeps every slice; at most 2 (the largest possible distance)",
     )
-    iaf_distance: Literal["mean", "patch_max", "patch_percentile"] = Field(
+    iaf_distance: Literal["mean", "patch_max", "patch_percentile", "local"] = Field(
         "mean",
         description="IAF distance: 'mean' over the whole slice (paper); 'patch_max' / "
-        "'patch_percentile' over per-patch mean differences (lesion-preserving variants)",
+        "'patch_percentile' over per-patch mean differences; 'local' keeps the paper's anatomy "
+        "anchors plus every slice differing locally from them (lesion-preserving)",
+    )
+    iaf_gamma_local: float = Field(
+        0.3,
+        ge=0.0,
+        le=2.0,
+        description="'local' IAF: threshold on the largest 4x4-window mean |difference| to an "
+        "anatomy anchor ([-1, 1] scale)",
     )
     iaf_percentile: float = Field(
         99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
@@ -210,6 +218,8 @@ class PruningConfig(BaseModel):
                 parts.append(f"iaf={self.iaf_distance}")
                 if self.iaf_distance == "patch_percentile":
                     parts.append(f"p={_fmt(self.iaf_percentile)}")
+                if self.iaf_distance == "local":
+                    parts.append(f"gamma_local={_fmt(self.iaf_gamma_local)}")
             for flag in ("use_iaf", "use_dins", "use_merge"):
                 if not getattr(self, flag):
                     parts.append(f"no_{flag[4:]}")

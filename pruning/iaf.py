@@ -20,8 +20,8 @@ import numpy as np
 
 # uint8 value -> [-1, 1] (rescale 1/255, normalise mean=std=0.5): a difference of 1 is 2/255.
 IAF_UINT8_SCALE = 2.0 / 255.0
-IafDistance = Literal["mean", "patch_max", "patch_percentile"]
-_DISTANCES = ("mean", "patch_max", "patch_percentile")
+IafDistance = Literal["mean", "patch_max", "patch_percentile", "local"]
+_DISTANCES = ("mean", "patch_max", "patch_percentile", "local")
 # Rows of uint8 |differences| summed in a uint16 accumulator cannot overflow: 257 * 255 < 2**16.
 _U16_ROWS = 256
 
@@ -196,6 +196,8 @@ def select_slices(
     percentile: float = 99.0,
     patch: int = 8,
     scale: float | Sequence[float] | None = None,
+    gamma_local: float = 0.3,
+    box: int = 4,
 ) -> np.ndarray:
     """IAF: choose which slices of a volume to keep.
 
@@ -212,11 +214,16 @@ def select_slices(
             (with ``keep_last`` the last of those is replaced by the true last slice).
         keep_last: also keep the last slice.
         distance: "mean" (paper: mean over every element), "patch_max" or "patch_percentile"
-            (max / percentile over per-patch mean differences).
+            (max / percentile over per-patch mean differences), or "local" (the
+            lesion-preserving filter of :func:`pruning.iaf_local.select_slices_local`: anatomy
+            anchors by the mean rule plus every slice that differs locally from them).
         percentile: percentile in [0, 100] for "patch_percentile".
         patch: patch side in pixels for the patch distances.
         scale: factor turning element differences into the gamma scale, one number or one per
             channel (channels-last). Default: 2/255 for uint8 input, 1 for float input.
+            ("local" always reads uint8 as 2/255 per level.)
+        gamma_local: "local" only: threshold on the windowed mean |difference| to an anchor.
+        box: "local" only: window side in pixels.
 
     Returns:
         Ascending int64 indices of the kept slices (original slice numbers).
@@ -255,6 +262,10 @@ def select_slices(
 
     if gamma < 0:
         kept = list(range(count))
+    elif distance == "local":
+        from pruning.iaf_local import select_slices_local  # it imports this module
+
+        kept = select_slices_local(slices, gamma, gamma_local=gamma_local, box=box).tolist()
     else:
         scales = _channel_scales(slices, scale)
         if distance == "mean":

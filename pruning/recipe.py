@@ -131,6 +131,7 @@ class SliceRecipe(BaseModel):
                     slices_u8, pruning.gamma, min_slices=pruning.min_slices,
                     max_slices=pruning.max_slices, keep_last=pruning.keep_last,
                     distance=pruning.iaf_distance, percentile=pruning.iaf_percentile,
+                    gamma_local=pruning.iaf_gamma_local,
                 ),
                 dtype=np.int64,
             )

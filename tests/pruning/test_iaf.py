@@ -172,3 +172,23 @@ def test_uniform_slices_fixed_stride() -> None:
     assert uniform_slices(3, 5).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="budget"):
         uniform_slices(3, 0)
+
+
+def test_local_distance_is_wired_through_select_slices_and_the_config() -> None:
+    """``distance="local"`` (PruningConfig.iaf_distance) runs the lesion-preserving filter."""
+    from pruning.config import PruningConfig
+    from pruning.iaf_local import select_slices_local
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 255, size=(1, 32, 32), dtype=np.uint8)
+    volume = np.repeat(base, 12, axis=0)
+    volume[6:8, 10:14, 10:14] = 255 - volume[6:8, 10:14, 10:14]  # a small local change
+    expected = select_slices_local(volume, 0.05, gamma_local=0.3)
+    got = select_slices(volume, 0.05, distance="local", gamma_local=0.3)
+    assert got.tolist() == expected.tolist()
+    assert {6, 7} <= set(got.tolist())
+    assert select_slices(volume, 0.05).tolist() == [0]  # the whole-slice mean misses it
+    config = PruningConfig(iaf_distance="local", iaf_gamma_local=0.3)
+    assert "gamma_local=0.3" in config.short_name()
+    with pytest.raises(ValueError, match="iaf_gamma_local"):
+        PruningConfig(iaf_gamma_local=-1)
