@@ -21,9 +21,16 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def _demo(argv: list[str]) -> int:
-    from jobs import evaluate
+    """Evaluate the demo config, then write the report (tables + plots) beside the results."""
+    from jobs import evaluate, report
+    from jobs.common import load_or_exit
+    from pipeline.storage import join_uri
 
-    return evaluate.main(["--config", str(DEMO_CONFIG), *argv])
+    status = evaluate.main(["--config", str(DEMO_CONFIG), *argv])
+    if status != 0:
+        return status
+    output = load_or_exit(str(DEMO_CONFIG), list(argv)).output
+    return report.main([join_uri(output, "results.parquet"), "--out", join_uri(output, "report")])
 
 
 def _evaluate(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import load_config
 from tests.jobs.helpers import REPO, free_port, ray_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -95,8 +96,9 @@ def test_job_submit_runs_the_demo_to_success(ray_head: tuple[str, dict[str, str]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0 and "succeeded" in log, log[-3000:]
-    assert "progress: 6/6" in log and "| medpruner |" in log
+    expected = 3 * len(load_config(REPO / "jobs/configs/demo.yaml").methods)
+    assert f"progress: {expected}/{expected}" in log and "| medpruner |" in log
     table = pq.read_table(output / "results.parquet")
-    assert table.num_rows == 6 and table.column("error").to_pylist() == [""] * 6
+    assert table.num_rows == expected and table.column("error").to_pylist() == [""] * expected
     assert (output / "summary.json").exists() and (output / "summary.md").exists()
     print(f"job submit round trip: {time.monotonic() - started:.1f}s")
