@@ -20,6 +20,7 @@ from pipeline.storage import StorageOptions
 from pruning import PruningConfig
 
 SYNTHETIC = "synthetic"
+PHANTOM = "phantom"
 TINY_PREFIX = "tiny:"
 
 
@@ -86,7 +87,8 @@ class DatasetConfig(_Strict):
 
     uri: str = Field(
         description="manifest path or s3:// URI; 'synthetic' builds a small synthetic dataset "
-        "in cache_dir (pipeline.synthetic.make_dataset) in the given format"
+        "in cache_dir (pipeline.synthetic.make_dataset) in the given format; 'phantom' builds "
+        "the phantom VQA benchmark's held-out split (pipeline.phantom, format jsonl)"
     )
     format: str = Field(description="manifest format, one of pipeline.datasets.DATASET_FORMATS")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N records")
@@ -95,7 +97,7 @@ class DatasetConfig(_Strict):
     )
     synthetic_volumes: int = Field(
         4, ge=1, description="phantom volumes to generate when uri=synthetic (each yields "
-        "several records: closed / open / report items)"
+        "several records: closed / open / report items) or uri=phantom (one question each)"
     )
     seed: int = Field(0, description="seed of the synthetic dataset")
 
@@ -108,13 +110,20 @@ class DatasetConfig(_Strict):
             raise ValueError(f"unknown format {value!r}; valid: {', '.join(sorted(DATASET_FORMATS))}")
         return value
 
+    @model_validator(mode="after")
+    def _phantom_is_jsonl(self) -> DatasetConfig:
+        if self.uri == PHANTOM and self.format != "jsonl":
+            raise ValueError(f"uri 'phantom' is written as canonical records: set format: jsonl, not {self.format!r}")
+        return self
+
 
 class ModelConfig(_Strict):
     """The checkpoint to evaluate."""
 
     path: str = Field(
         description="local checkpoint folder, s3-synced path, HF id already in the local cache, "
-        "or 'tiny:<family>' to build a tiny offline checkpoint in cache_dir"
+        "'tiny:<family>' to build a tiny offline checkpoint in cache_dir, or 'phantom' for the "
+        "committed model trained on the phantom benchmark"
     )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")

@@ -25,13 +25,14 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import SYNTHETIC, EvalConfig, StageResources
+from pipeline.config import PHANTOM, SYNTHETIC, EvalConfig, StageResources
 from pipeline.progress import Progress
 from pipeline.results import (
     coerce_results,
@@ -86,8 +87,23 @@ class EvalResult:
 
 
 def resolve_manifest(config: EvalConfig) -> str:
-    """The manifest URI; builds (once) the synthetic dataset when ``dataset.uri: synthetic``."""
+    """The manifest URI; builds (once) the synthetic dataset when ``dataset.uri: synthetic``
+    and the phantom VQA benchmark's held-out split when ``dataset.uri: phantom``."""
     ds = config.dataset
+    if ds.uri == PHANTOM:
+        from pipeline.phantom import write_benchmark
+
+        folder = Path(config.cache_path()) / "datasets" / f"phantom-test-n{ds.synthetic_volumes}-s{ds.seed}"
+        manifest = folder / "records.jsonl"
+        if not manifest.exists():  # build beside it, then rename: never a half-written set
+            scratch = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+            write_benchmark(scratch, n=ds.synthetic_volumes, offset=ds.seed)
+            try:
+                os.rename(scratch, folder)
+            except OSError:
+                if not manifest.exists():
+                    raise
+        return str(manifest)
     if ds.uri != SYNTHETIC:
         return ds.uri
     from pipeline.synthetic import make_dataset

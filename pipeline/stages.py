@@ -36,14 +36,22 @@ TIMING_KEYS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
 METRIC_COLUMNS = ("correct", "bleu1", "bleu4", "rouge1", "rougeL", "meteor")
 
 
+PHANTOM_MODEL = "phantom"
+PHANTOM_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "phantom-qwen2_5_vl"
+
+
 def resolve_model(model: str, cache_dir: str | None = None) -> str:
     """Turn a model spec into a loadable path.
 
     ``tiny:<family>`` (or ``tiny:<family>:bench`` for the larger benchmark size) builds, once
     per machine and atomically, an offline checkpoint with ``pruning.testing.make_tiny_vlm``
     under ``<cache_dir>/models/``; it is deterministic, so every node builds the same one.
-    Every other spec is returned unchanged (a local folder or an id ``load_vlm`` understands).
+    ``phantom`` is the small Qwen2.5-VL trained on the phantom benchmark, committed in the
+    repository (``models/phantom-qwen2_5_vl``). Every other spec is returned unchanged (a local
+    folder or an id ``load_vlm`` understands).
     """
+    if model == PHANTOM_MODEL:
+        return str(PHANTOM_CHECKPOINT)
     if not model.startswith("tiny:"):
         return model
     family, _, size = model.removeprefix("tiny:").partition(":")

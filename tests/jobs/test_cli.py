@@ -115,3 +115,21 @@ def test_local_ray_is_sized_for_the_pools_and_refuses_missing_gpus() -> None:
                                                         "ray.num_gpus=0"])
     with pytest.raises(ConfigError, match="stages.infer.num_gpus=0"):
         connect_ray(gpu)  # would hang forever waiting for a GPU; refused before starting Ray
+
+
+def test_phantom_benchmark_dataset_and_model_resolve(tmp_path: Path) -> None:
+    from pipeline.datasets import read_records
+    from pipeline.graph import resolve_manifest
+    from pipeline.stages import resolve_model
+
+    path = REPO / "jobs/configs/phantom.yaml"
+    config = load_config(path, [f"cache_dir={tmp_path}", "dataset.synthetic_volumes=3"])
+    manifest = resolve_manifest(config)
+    records = read_records(manifest, "jsonl")
+    assert len(records) == 3 and {r.category for r in records} <= {"presence", "organ", "count"}
+    assert all(r.answer in r.choices for r in records)
+    assert resolve_manifest(config) == manifest  # built once, then reused
+    assert not list(tmp_path.glob("datasets/*.tmp-*"))
+    assert (Path(resolve_model("phantom")) / "config.json").exists()
+    with pytest.raises(ConfigError, match="format: jsonl"):
+        load_config(path, ["dataset.format=hulu"])
