@@ -90,7 +90,7 @@ def test_job_submit_runs_the_demo_to_success(ray_head: tuple[str, dict[str, str]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
            "python", "-m", "jobs.evaluate", "--config", "jobs/configs/demo.yaml",
-           f"output={output}", f"cache_dir={cache}", "dataset.synthetic_volumes=1",
+           f"output={output}", f"cache_dir={cache}", "dataset.synthetic_volumes=3",
            "dataset.limit=3", "max_new_tokens=3"]
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
