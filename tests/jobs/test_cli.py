@@ -44,7 +44,7 @@ def test_overrides_are_dotted_yaml_values() -> None:
     ("dataset.format=parquet", "dataset.format"),
     ("stages.load.min_actors=4", "stages.load"),
     ("scorer=bleu", "scorer"),
-    ("methods.7.tau=1", "methods.7"),
+    ("methods.42.tau=1", "methods.42"),
     ("output", "key=value"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override: str, field: str) -> None:
