@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_evaluation(config)
-    except (OutputConflictError, DatasetError) as exc:
+    except (OutputConflictError, DatasetError, ConfigError) as exc:
         print(f"medpruner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

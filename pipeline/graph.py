@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import PHANTOM, SYNTHETIC, EvalConfig, StageResources
+from pipeline.config import PHANTOM, SYNTHETIC, ConfigError, EvalConfig, StageResources
 from pipeline.progress import Progress
 from pipeline.results import (
     coerce_results,
@@ -93,6 +93,9 @@ def resolve_manifest(config: EvalConfig) -> str:
     if ds.uri == PHANTOM:
         from pipeline.phantom import write_benchmark
 
+        if "://" in config.cache_path():
+            raise ConfigError(f"dataset.uri 'phantom' is written into cache_dir, which must be a "
+                             f"local folder, not {config.cache_path()!r}")
         folder = Path(config.cache_path()) / "datasets" / f"phantom-test-n{ds.synthetic_volumes}-s{ds.seed}"
         manifest = folder / "records.jsonl"
         if not manifest.exists():  # build beside it, then rename: never a half-written set
