@@ -71,11 +71,13 @@ class PruningConfig(BaseModel):
         "output normalised with mean=std=0.5); a slice is kept if its distance is strictly "
         "greater. gamma < 0 keeps every slice; at most 2 (the largest possible distance)",
     )
-    iaf_distance: Literal["mean", "patch_max", "patch_percentile", "local"] = Field(
+    iaf_distance: Literal["mean", "patch_max", "patch_percentile", "local", "transient"] = Field(
         "mean",
         description="IAF distance: 'mean' over the whole slice (paper); 'patch_max' / "
         "'patch_percentile' over per-patch mean differences; 'local' keeps the paper's anatomy "
-        "anchors plus every slice differing locally from them (lesion-preserving)",
+        "anchors plus every slice differing locally from them; 'transient' keeps the anchors "
+        "plus every slice with a focal change that the slices before and after it lack "
+        "(lesion-preserving)",
     )
     iaf_gamma_local: float = Field(
         0.3,
@@ -83,6 +85,23 @@ class PruningConfig(BaseModel):
         le=2.0,
         description="'local' IAF: threshold on the largest 4x4-window mean |difference| to an "
         "anatomy anchor ([-1, 1] scale)",
+    )
+    iaf_finding_threshold: float = Field(
+        0.2,
+        ge=0.0,
+        le=2.0,
+        description="'transient' IAF: a slice is a finding when a 2x2 region matches neither "
+        "its neighbour before nor after it by more than this ([-1, 1] scale)",
+    )
+    iaf_span: int = Field(
+        4, ge=1, description="'transient' IAF: longest finding, in slices"
+    )
+    iaf_shift: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="'transient' IAF: how far (pixels at model resolution) anatomy may move "
+        "between neighbouring slices without counting as a finding",
     )
     iaf_percentile: float = Field(
         99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
@@ -220,6 +239,10 @@ class PruningConfig(BaseModel):
                     parts.append(f"p={_fmt(self.iaf_percentile)}")
                 if self.iaf_distance == "local":
                     parts.append(f"gamma_local={_fmt(self.iaf_gamma_local)}")
+                if self.iaf_distance == "transient":
+                    parts.append(f"finding={_fmt(self.iaf_finding_threshold)}")
+                    parts.append(f"span={self.iaf_span}")
+                    parts.append(f"shift={self.iaf_shift}")
             for flag in ("use_iaf", "use_dins", "use_merge"):
                 if not getattr(self, flag):
                     parts.append(f"no_{flag[4:]}")

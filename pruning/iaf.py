@@ -20,8 +20,8 @@ import numpy as np
 
 # uint8 value -> [-1, 1] (rescale 1/255, normalise mean=std=0.5): a difference of 1 is 2/255.
 IAF_UINT8_SCALE = 2.0 / 255.0
-IafDistance = Literal["mean", "patch_max", "patch_percentile", "local"]
-_DISTANCES = ("mean", "patch_max", "patch_percentile", "local")
+IafDistance = Literal["mean", "patch_max", "patch_percentile", "local", "transient"]
+_DISTANCES = ("mean", "patch_max", "patch_percentile", "local", "transient")
 # Rows of uint8 |differences| summed in a uint16 accumulator cannot overflow: 257 * 255 < 2**16.
 _U16_ROWS = 256
 
@@ -198,6 +198,9 @@ def select_slices(
     scale: float | Sequence[float] | None = None,
     gamma_local: float = 0.3,
     box: int = 4,
+    finding_threshold: float = 0.2,
+    span: int = 4,
+    shift: int = 1,
 ) -> np.ndarray:
     """IAF: choose which slices of a volume to keep.
 
@@ -216,14 +219,19 @@ def select_slices(
         distance: "mean" (paper: mean over every element), "patch_max" or "patch_percentile"
             (max / percentile over per-patch mean differences), or "local" (the
             lesion-preserving filter of :func:`pruning.iaf_local.select_slices_local`: anatomy
-            anchors by the mean rule plus every slice that differs locally from them).
+            anchors by the mean rule plus every slice that differs locally from them), or
+            "transient" (:func:`pruning.iaf_transient.select_slices_transient`: the mean rule's
+            anchors plus every slice with a focal change that neither neighbour shows).
         percentile: percentile in [0, 100] for "patch_percentile".
         patch: patch side in pixels for the patch distances.
         scale: factor turning element differences into the gamma scale, one number or one per
             channel (channels-last). Default: 2/255 for uint8 input, 1 for float input.
-            ("local" always reads uint8 as 2/255 per level.)
+            ("local" and "transient" findings always read uint8 as 2/255 per level.)
         gamma_local: "local" only: threshold on the windowed mean |difference| to an anchor.
         box: "local" only: window side in pixels.
+        finding_threshold: "transient" only: threshold on the transient-finding score.
+        span: "transient" only: longest finding, in slices.
+        shift: "transient" only: anatomy displacement tolerated, in pixels.
 
     Returns:
         Ascending int64 indices of the kept slices (original slice numbers).
@@ -266,6 +274,12 @@ def select_slices(
         from pruning.iaf_local import select_slices_local  # it imports this module
 
         kept = select_slices_local(slices, gamma, gamma_local=gamma_local, box=box).tolist()
+    elif distance == "transient":
+        from pruning.iaf_transient import select_slices_transient  # it imports this module
+
+        kept = select_slices_transient(
+            slices, gamma, threshold=finding_threshold, span=span, shift=shift
+        ).tolist()
     else:
         scales = _channel_scales(slices, scale)
         if distance == "mean":

@@ -132,6 +132,8 @@ class SliceRecipe(BaseModel):
                     max_slices=pruning.max_slices, keep_last=pruning.keep_last,
                     distance=pruning.iaf_distance, percentile=pruning.iaf_percentile,
                     gamma_local=pruning.iaf_gamma_local,
+                    finding_threshold=pruning.iaf_finding_threshold, span=pruning.iaf_span,
+                    shift=pruning.iaf_shift,
                 ),
                 dtype=np.int64,
             )
