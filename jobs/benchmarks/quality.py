@@ -38,8 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def slice_filter(distance: str, gamma: float, percentile: float = 99.0):
+def slice_filter(distance: str, gamma: float, percentile: float = 99.0, threshold: float = 0.2):
     """A slice stage ``(prepared uint8 (D, h, w, 3)) -> kept indices`` for one IAF distance."""
+    if distance == "transient":
+        from pruning.iaf_transient import select_slices_transient
+
+        return lambda vol: select_slices_transient(vol, gamma, threshold=threshold)
     if distance == "local":
         from pruning.iaf_local import select_slices_local
 
@@ -64,6 +68,35 @@ def calibrate_gamma(volumes: list[np.ndarray], distance: str, target: float, **k
         else:
             hi = mid
     return float(np.sqrt(lo * hi))
+
+
+def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float, float]:
+    """(gamma, finding threshold) of the transient filter keeping ``target`` slices on average.
+
+    Gamma (the anatomy anchors) is the knob; when even gamma = 2 (slice 0 plus findings) keeps
+    more than ``target``, the finding threshold is raised from its default 0.2 instead.
+    """
+    from pruning.iaf import select_slices
+    from pruning.iaf_transient import transient_scores
+
+    scores = [transient_scores(v) for v in volumes]
+
+    def kept(gamma: float, threshold: float) -> float:
+        return float(np.mean([len(np.union1d(select_slices(v, gamma), np.flatnonzero(s > threshold)))
+                              for v, s in zip(volumes, scores, strict=True)]))
+
+    threshold = 0.2
+    if kept(2.0, threshold) > target:
+        lo, hi = threshold, 2.0
+        for _ in range(18):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept(2.0, mid) > target else (lo, mid)
+        return 2.0, hi
+    lo, hi = 1e-4, 2.0
+    for _ in range(18):
+        mid = float(np.sqrt(lo * hi))
+        lo, hi = (mid, hi) if kept(mid, threshold) > target else (lo, mid)
+    return hi, threshold
 
 
 def run_method(vlm, items, prepared, pruning, stage, batch: int) -> dict:
@@ -115,6 +148,7 @@ def methods(args, calib: list[np.ndarray]) -> list[tuple[str, dict, object]]:
     budget = mean_kept(calib, slice_filter("mean", args.gamma))
     g_max = calibrate_gamma(calib, "patch_max", budget)
     g_pct = calibrate_gamma(calib, "patch_percentile", budget, percentile=95.0)
+    g_tr, t_tr = calibrate_transient(calib, budget)
     frac = budget / calib[0].shape[0]
     iaf_only = dict(method="medpruner", use_dins=False, use_merge=False)
     rows = [
@@ -123,6 +157,8 @@ def methods(args, calib: list[np.ndarray]) -> list[tuple[str, dict, object]]:
         (f"uniform {frac:.0%} slices", dict(method="uniform", uniform_ratio=frac), None),
         (f"iaf patch_max g={g_max:.3f}", iaf_only, slice_filter("patch_max", g_max)),
         (f"iaf patch_p95 g={g_pct:.3f}", iaf_only, slice_filter("patch_percentile", g_pct, 95.0)),
+        (f"iaf transient g={g_tr:.3f} t={t_tr:.3f} (lesion-preserving)", iaf_only,
+         slice_filter("transient", g_tr, threshold=t_tr)),
     ]
     # The local filter keeps a superset of the paper filter at the same gamma, so it is shown at
     # its own budget, with uniform sampling at that budget beside it.
@@ -137,6 +173,8 @@ def methods(args, calib: list[np.ndarray]) -> list[tuple[str, dict, object]]:
          slice_filter("mean", args.gamma)),
         (f"medpruner + patch_max g={g_max:.3f}", dict(method="medpruner", tau=args.tau),
          slice_filter("patch_max", g_max)),
+        (f"medpruner + transient g={g_tr:.3f} t={t_tr:.3f}", dict(method="medpruner", tau=args.tau),
+         slice_filter("transient", g_tr, threshold=t_tr)),
         ("hulu_l1", dict(method="hulu_l1"), None),
     ]
     return rows
