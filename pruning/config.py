@@ -100,8 +100,9 @@ class PruningConfig(BaseModel):
         1,
         ge=0,
         le=8,
-        description="'transient' IAF: how far (pixels at model resolution) anatomy may move "
-        "between neighbouring slices without counting as a finding",
+        description="'transient' IAF: how far anatomy may move between neighbouring slices "
+        "without counting as a finding, in pixels of the working grid (slices box-averaged "
+        "to at most 128 px per side)",
     )
     iaf_percentile: float = Field(
         99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
