@@ -104,6 +104,14 @@ class PruningConfig(BaseModel):
         "without counting as a finding, in pixels of the working grid (slices box-averaged "
         "to at most 128 px per side)",
     )
+    iaf_finding_size: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="'transient' IAF: side of the square (working-grid pixels) a finding must "
+        "cover; the phantom-tuned default suits 3-8 px lesions on 64 px slices, real CT needs "
+        "more (see the README)",
+    )
     iaf_percentile: float = Field(
         99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
     )
@@ -244,6 +252,7 @@ class PruningConfig(BaseModel):
                     parts.append(f"finding={_fmt(self.iaf_finding_threshold)}")
                     parts.append(f"span={self.iaf_span}")
                     parts.append(f"shift={self.iaf_shift}")
+                    parts.append(f"size={self.iaf_finding_size}")
             for flag in ("use_iaf", "use_dins", "use_merge"):
                 if not getattr(self, flag):
                     parts.append(f"no_{flag[4:]}")

@@ -201,6 +201,7 @@ def select_slices(
     finding_threshold: float = 0.2,
     span: int = 4,
     shift: int = 1,
+    finding_size: int = 2,
 ) -> np.ndarray:
     """IAF: choose which slices of a volume to keep.
 
@@ -231,7 +232,8 @@ def select_slices(
         box: "local" only: window side in pixels.
         finding_threshold: "transient" only: threshold on the transient-finding score.
         span: "transient" only: longest finding, in slices.
-        shift: "transient" only: anatomy displacement tolerated, in pixels.
+        shift: "transient" only: anatomy displacement tolerated, in working-grid pixels.
+        finding_size: "transient" only: side of the square a finding must cover, in pixels.
 
     Returns:
         Ascending int64 indices of the kept slices (original slice numbers).
@@ -278,7 +280,7 @@ def select_slices(
         from pruning.iaf_transient import select_slices_transient  # it imports this module
 
         kept = select_slices_transient(
-            slices, gamma, threshold=finding_threshold, span=span, shift=shift
+            slices, gamma, threshold=finding_threshold, span=span, shift=shift, size=finding_size
         ).tolist()
     else:
         scales = _channel_scales(slices, scale)

@@ -133,7 +133,7 @@ class SliceRecipe(BaseModel):
                     distance=pruning.iaf_distance, percentile=pruning.iaf_percentile,
                     gamma_local=pruning.iaf_gamma_local,
                     finding_threshold=pruning.iaf_finding_threshold, span=pruning.iaf_span,
-                    shift=pruning.iaf_shift,
+                    shift=pruning.iaf_shift, finding_size=pruning.iaf_finding_size,
                 ),
                 dtype=np.int64,
             )

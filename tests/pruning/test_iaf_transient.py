@@ -104,13 +104,18 @@ def test_transient_distance_is_wired_through_select_slices_the_config_and_the_re
     from pruning.recipe import SliceRecipe
 
     vol = _growing_organ(size=32)
-    vol[6:8][:, _disc(32, 16, 19, 1.6)] += 70
-    expected = select_slices_transient(vol, 0.05, threshold=0.25, span=3, shift=1)
-    got = select_slices(vol, 0.05, distance="transient", finding_threshold=0.25, span=3, shift=1)
-    assert got.tolist() == expected.tolist() and {6, 7} <= set(got.tolist())
-    config = PruningConfig(iaf_distance="transient", iaf_finding_threshold=0.25, iaf_span=3)
+    vol[6:8][:, _disc(32, 16, 19, 1.6)] += 70  # a 3 px lesion: found at size 2, not at size 3
+    expected = select_slices_transient(vol, 2.0, threshold=0.25, span=3, shift=1, size=2)
+    got = select_slices(vol, 2.0, distance="transient", finding_threshold=0.25, span=3, shift=1,
+                        finding_size=2)
+    assert got.tolist() == expected.tolist() == [0, 6, 7]
+    assert select_slices(vol, 2.0, distance="transient", finding_size=3).tolist() == [0]
+    config = PruningConfig(iaf_distance="transient", gamma=2.0, iaf_finding_threshold=0.25,
+                           iaf_span=3, iaf_finding_size=2)
     assert "iaf=transient" in config.short_name() and "span=3" in config.short_name()
-    assert "finding=0.25" in config.short_name()
+    assert "finding=0.25" in config.short_name() and "size=2" in config.short_name()
+    with pytest.raises(ValueError, match="iaf_finding_size"):
+        PruningConfig(iaf_finding_size=0)
     with pytest.raises(ValueError, match="iaf_span"):
         PruningConfig(iaf_span=0)
     with pytest.raises(ValueError, match="iaf_finding_threshold"):
@@ -120,7 +125,9 @@ def test_transient_distance_is_wired_through_select_slices_the_config_and_the_re
     recipe = SliceRecipe(family="qwen2_5_vl", size=(32, 32), image_mean=(0.5, 0.5, 0.5),
                          image_std=(0.5, 0.5, 0.5), tokens_per_slice=16, token_grid=(4, 4))
     rgb = np.repeat(vol[..., None], 3, axis=-1)
-    assert recipe.select_slices(rgb, config).tolist() == expected.tolist()
+    assert recipe.select_slices(rgb, config).tolist() == [0, 6, 7]
+    bigger = config.model_copy(update={"iaf_finding_size": 3})
+    assert recipe.select_slices(rgb, bigger).tolist() == [0]
 
 
 def test_large_slices_are_tested_on_a_downsampled_working_grid() -> None:
