@@ -4,8 +4,8 @@
 
 Held-out test volumes (fixed seeds, equal numbers of presence / organ / count questions) go
 through the trained checkpoint with every method at matched budgets: the slice filters (paper's
-whole-slice mean IAF, the lesion-preserving patch distances, uniform) keep the same mean number
-of slices (gammas calibrated on the calibration split), and the token methods (random,
+whole-slice mean IAF, the patch distances, the lesion-preserving transient filter, uniform) keep
+the same mean number of slices (gammas calibrated on the calibration split), and the token methods (random,
 VisionZip, HiPrune) keep the R-Rate of MedPruner. Lesion-slice recall is the share of slices
 showing a lesion that were kept; lesion-token recall the share of LLM tokens over a lesion kept.
 """
