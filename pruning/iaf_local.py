@@ -25,17 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from pruning.iaf import select_slices
-
-
-def _as_grey(slices: np.ndarray) -> np.ndarray:
-    """(D, H, W) or channels-last (D, H, W, C) uint8 / float -> float32 (D, H, W) on [-1, 1]."""
-    arr = np.asarray(slices)
-    if arr.ndim == 4 and arr.shape[-1] <= 4:
-        arr = arr.mean(axis=-1, dtype=np.float32) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
-    elif arr.ndim != 3:
-        raise ValueError(f"expected slices (D, H, W) or (D, H, W, C<=4), got shape {arr.shape}")
-    arr = arr.astype(np.float32)
-    return arr * (2.0 / 255.0) - 1.0 if np.asarray(slices).dtype == np.uint8 else arr
+from pruning.iaf_transient import working_grid
 
 
 def local_distance(a: np.ndarray, b: np.ndarray, box: int = 4) -> float:
@@ -76,9 +66,9 @@ def select_slices_local(
         Ascending int64 indices of the kept slices.
 
     Raises:
-        ValueError: bad shape, ``box`` < 1 or larger than a slice.
+        ValueError: bad shape or dtype, ``box`` < 1 or larger than a slice.
     """
-    grey = _as_grey(slices)
+    grey = working_grid(slices, max_side=None)
     depth, height, width = grey.shape
     if not 1 <= box <= min(height, width):
         raise ValueError(f"box must be in [1, {min(height, width)}], got {box}")

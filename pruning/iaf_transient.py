@@ -44,23 +44,29 @@ import numpy as np
 from pruning.iaf import select_slices
 
 
-def working_grid(slices: np.ndarray, max_side: int = 128) -> np.ndarray:
-    """(D, H, W) or channels-last (D, H, W, C) uint8 / float -> float32 (D, h, w) on [-1, 1].
-
-    Channels are averaged; slices are box-averaged by the smallest integer factor that brings
-    both sides to at most ``max_side`` (edge rows / columns that do not fill a box are dropped).
-    uint8 reads as 2/255 per level minus 1; float input is taken as already on [-1, 1].
-    One slice is converted at a time, so no full-volume float copy is made.
-    """
-    arr = np.asarray(slices)
+def _check_slices(arr: np.ndarray) -> None:
+    """Raise ValueError unless ``arr`` is (D, H, W) or (D, H, W, C<=4), uint8 or floating."""
     if not (arr.ndim == 3 or (arr.ndim == 4 and 1 <= arr.shape[-1] <= 4)):
         raise ValueError(f"expected slices (D, H, W) or (D, H, W, C<=4), got shape {arr.shape}")
     if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"slices must be uint8 or floating point, got dtype {arr.dtype}")
-    if max_side < 1:
+
+
+def working_grid(slices: np.ndarray, max_side: int | None = 128) -> np.ndarray:
+    """(D, H, W) or channels-last (D, H, W, C) uint8 / float -> float32 (D, h, w) on [-1, 1].
+
+    Channels are averaged; slices are box-averaged by the smallest integer factor that brings
+    both sides to at most ``max_side`` (edge rows / columns that do not fill a box are dropped;
+    ``None`` keeps the full resolution). uint8 reads as 2/255 per level minus 1; float input is
+    taken as already on [-1, 1]. One slice is converted at a time, so no full-volume float
+    copy of the input is made.
+    """
+    arr = np.asarray(slices)
+    _check_slices(arr)
+    if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1 pixel, got {max_side}")
     depth, height, width = arr.shape[:3]
-    factor = max(1, math.ceil(max(height, width) / max_side))
+    factor = 1 if max_side is None else max(1, math.ceil(max(height, width) / max_side))
     h, w = height // factor, width // factor
     if h == 0 or w == 0:
         raise ValueError(f"slices of {height} x {width} are too small for max_side={max_side}")
@@ -182,7 +188,7 @@ def select_slices_transient(
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if gamma < 0:
-        working_grid(slices, max_side)  # validate all the same
+        _check_slices(slices)
         return np.arange(slices.shape[0], dtype=np.int64)
     anchors = select_slices(slices, gamma)  # the paper's rule on the input as given
     scores = transient_scores(slices, span=span, shift=shift, size=size, max_side=max_side)
