@@ -58,15 +58,19 @@ def mean_kept(volumes: list[np.ndarray], stage) -> float:
     return float(np.mean([len(stage(v)) for v in volumes]))
 
 
+def _bisect(kept, lo: float, hi: float, target: float, *, geometric: bool) -> tuple[float, float]:
+    """18 bisection steps on a knob whose mean kept-slice count ``kept(x)`` falls as x grows;
+    returns the final bracket (lo keeps more than ``target``, hi at most ``target``)."""
+    for _ in range(18):
+        mid = float(np.sqrt(lo * hi)) if geometric else (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) > target else (lo, mid)
+    return lo, hi
+
+
 def calibrate_gamma(volumes: list[np.ndarray], distance: str, target: float, **kw) -> float:
     """Gamma whose mean kept-slice count is closest to ``target`` (bisection on log gamma)."""
-    lo, hi = 1e-4, 2.0
-    for _ in range(18):
-        mid = float(np.sqrt(lo * hi))
-        if mean_kept(volumes, slice_filter(distance, mid, **kw)) > target:
-            lo = mid
-        else:
-            hi = mid
+    lo, hi = _bisect(lambda g: mean_kept(volumes, slice_filter(distance, g, **kw)), 1e-4, 2.0, target,
+                     geometric=True)
     return float(np.sqrt(lo * hi))
 
 
@@ -74,7 +78,9 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
     """(gamma, finding threshold) of the transient filter keeping ``target`` slices on average.
 
     Gamma (the anatomy anchors) is the knob; when even gamma = 2 (slice 0 plus findings) keeps
-    more than ``target``, the finding threshold is raised from its default 0.2 instead.
+    more than ``target``, the finding threshold is raised from its default 0.2 instead. The
+    transient scores are computed once; the kept set is the one
+    :func:`pruning.iaf_transient.select_slices_transient` returns (anchors plus findings).
     """
     from pruning.iaf import select_slices
     from pruning.iaf_transient import transient_scores
@@ -87,15 +93,9 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
 
     threshold = 0.2
     if kept(2.0, threshold) > target:
-        lo, hi = threshold, 2.0
-        for _ in range(18):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if kept(2.0, mid) > target else (lo, mid)
+        _, hi = _bisect(lambda t: kept(2.0, t), threshold, 2.0, target, geometric=False)
         return 2.0, hi
-    lo, hi = 1e-4, 2.0
-    for _ in range(18):
-        mid = float(np.sqrt(lo * hi))
-        lo, hi = (mid, hi) if kept(mid, threshold) > target else (lo, mid)
+    _, hi = _bisect(lambda g: kept(g, threshold), 1e-4, 2.0, target, geometric=True)
     return hi, threshold
 
 
