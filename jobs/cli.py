@@ -6,7 +6,7 @@
     medpruner report RESULTS... --out DIR     Table 1/2 Markdown + plots (jobs.report)
     medpruner benchmark NAME                  python -m jobs.benchmark NAME
     medpruner make-tiny-model FAMILY OUT      tiny offline checkpoint (pruning.testing)
-    medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic)
+    medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.ct)
     medpruner serve [--port P] [key=value]    start the HTTP service (serve.app)
 """
 
@@ -24,7 +24,7 @@ def _demo(argv: list[str]) -> int:
     """Evaluate the demo config, then write the report (tables + plots) beside the results."""
     from jobs import evaluate, report
     from jobs.common import load_or_exit
-    from pipeline.storage import join_uri
+    from pipeline.io.storage import join_uri
 
     status = evaluate.main(["--config", str(DEMO_CONFIG), *argv])
     if status != 0:
@@ -73,11 +73,11 @@ def _make_tiny_model(argv: list[str]) -> int:
 def _make_dataset(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medpruner make-dataset")
     parser.add_argument("out", help="output folder (local or s3://)")
-    parser.add_argument("--format", required=True, help="dataset format (pipeline.datasets)")
+    parser.add_argument("--format", required=True, help="dataset format (pipeline.datasets.records)")
     parser.add_argument("-n", type=int, default=8, help="number of volumes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from pipeline.synthetic import make_dataset
+    from pipeline.synthetic.datasets import make_dataset
 
     print(make_dataset(args.out, args.format, n=args.n, seed=args.seed))
     return 0

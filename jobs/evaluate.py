@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medpruner: Ray: {where}", flush=True)
     warn_missing_gpus(config)
 
-    from pipeline.datasets import DatasetError
+    from pipeline.datasets.records import DatasetError
     from pipeline.graph import OutputConflictError, run_evaluation
-    from pipeline.summary import summary_markdown
+    from pipeline.metrics.summary import summary_markdown
 
     try:
         result = run_evaluation(config)

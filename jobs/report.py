@@ -18,9 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.results import read_results
-from pipeline.storage import StorageOptions, join_uri, write_bytes
-from pipeline.summary import summarize_results
+from pipeline.io.results import read_results
+from pipeline.io.storage import StorageOptions, join_uri, write_bytes
+from pipeline.metrics.summary import summarize_results
 
 LABELS = {"bleu1": "BLEU-1", "bleu4": "BLEU-4", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L",
           "meteor": "METEOR"}

@@ -3,7 +3,7 @@
     python -m jobs.train_phantom --seed 0 --minutes 25 --out models/phantom-qwen2_5_vl
 
 The checkpoint directory is first written by :func:`pruning.testing.make_tiny_vlm` (so tokenizer,
-processor and chat template are exactly what :func:`pruning.vlm.load_vlm` opens), then its weights
+processor and chat template are exactly what :func:`pruning.runtime.vlm.load_vlm` opens), then its weights
 are trained and saved back. What makes training converge on every seed (see TRAINING.md):
 a large initialisation (``initializer_range`` 0.08), a curriculum over slice windows (2 -> 16)
 and lesion size/contrast, one question type per batch in rotation, loss on the answer only.
@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.phantom import fixed_examples
-from pipeline.phantom_batches import (
+from jobs.phantom_batches import (
     PhantomBatcher,
     curriculum,
     evaluate_examples,
     use_batched_vision_attention,
 )
+from pipeline.synthetic.phantom_vqa import fixed_examples
 
 MODEL_KW = dict(
     image_size=64, patch_size=8, initializer_range=0.08,

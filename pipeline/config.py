@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 from pruning import PruningConfig
 
 SYNTHETIC = "synthetic"
@@ -87,10 +87,10 @@ class DatasetConfig(_Strict):
 
     uri: str = Field(
         description="manifest path or s3:// URI; 'synthetic' builds a small synthetic dataset "
-        "in cache_dir (pipeline.synthetic.make_dataset) in the given format; 'phantom' builds "
-        "the phantom VQA benchmark's held-out split (pipeline.phantom, format jsonl)"
+        "in cache_dir (pipeline.synthetic.ct.make_dataset) in the given format; 'phantom' builds "
+        "the phantom VQA benchmark's held-out split (pipeline.synthetic.phantom_vqa, format jsonl)"
     )
-    format: str = Field(description="manifest format, one of pipeline.datasets.DATASET_FORMATS")
+    format: str = Field(description="manifest format, one of pipeline.datasets.records.DATASET_FORMATS")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N records")
     storage: StorageOptions | None = Field(
         None, description="object-store options for the dataset (default: top-level storage)"
@@ -104,7 +104,7 @@ class DatasetConfig(_Strict):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from pipeline.datasets import DATASET_FORMATS
+        from pipeline.datasets.records import DATASET_FORMATS
 
         if value not in DATASET_FORMATS:
             raise ValueError(f"unknown format {value!r}; valid: {', '.join(sorted(DATASET_FORMATS))}")
@@ -194,7 +194,7 @@ class EvalConfig(_Strict):
     model: ModelConfig
     methods: list[MethodSpec] = Field(min_length=1, description="pruning methods to evaluate")
     scorer: Literal["reference", "standard"] = Field(
-        "reference", description="metric implementation (see pipeline.metrics)"
+        "reference", description="metric implementation (see pipeline.metrics.scorers)"
     )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="generation budget per sample")
     stages: StagesConfig = Field(default_factory=StagesConfig)

@@ -33,16 +33,16 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import PHANTOM, SYNTHETIC, ConfigError, EvalConfig, StageResources
-from pipeline.progress import Progress
-from pipeline.results import (
+from pipeline.io.results import (
     coerce_results,
     merge_results,
     read_parts,
     write_results,
 )
+from pipeline.io.storage import exists, join_uri, read_bytes, write_bytes
+from pipeline.metrics.summary import summarize_results, summary_markdown
+from pipeline.progress import Progress
 from pipeline.stages import InferStage, LoadStage, ScoreStage
-from pipeline.storage import exists, join_uri, read_bytes, write_bytes
-from pipeline.summary import summarize_results, summary_markdown
 
 
 class LoadActor(LoadStage):
@@ -91,7 +91,7 @@ def resolve_manifest(config: EvalConfig) -> str:
     and the phantom VQA benchmark's held-out split when ``dataset.uri: phantom``."""
     ds = config.dataset
     if ds.uri == PHANTOM:
-        from pipeline.phantom import write_benchmark
+        from pipeline.synthetic.phantom_vqa import write_benchmark
 
         if "://" in config.cache_path():
             raise ConfigError(f"dataset.uri 'phantom' is written into cache_dir, which must be a "
@@ -109,7 +109,7 @@ def resolve_manifest(config: EvalConfig) -> str:
         return str(manifest)
     if ds.uri != SYNTHETIC:
         return ds.uri
-    from pipeline.synthetic import make_dataset
+    from pipeline.synthetic.datasets import make_dataset
 
     folder = join_uri(config.cache_path(), "datasets", f"{ds.format}-n{ds.synthetic_volumes}-s{ds.seed}")
     marker = join_uri(folder, "medpruner-synthetic.json")
@@ -123,7 +123,7 @@ def resolve_manifest(config: EvalConfig) -> str:
 
 def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
     """One row per (record, method), method-major so batches share a pruning config."""
-    from pipeline.prompts import build_prompt
+    from pipeline.datasets.prompts import build_prompt
 
     seen: dict[str, int] = {}
     samples = []
@@ -271,7 +271,7 @@ def run_evaluation(
         OutputConflictError: the output holds results of another model or method definition.
         RuntimeError: the merged results do not hold exactly samples x methods rows.
     """
-    from pipeline.datasets import read_records
+    from pipeline.datasets.records import read_records
 
     say = log or (lambda line: print(line, flush=True))
     started = time.monotonic()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 from pruning import PruningConfig
 
 Batch = dict[str, np.ndarray]
@@ -130,7 +130,7 @@ class LoadStage:
         max_volume_bytes: int = 2 * 1024**3,
         cache_dir: str | None = None,
     ) -> None:
-        from pruning.recipe import load_recipe
+        from pruning.runtime.recipe import load_recipe
 
         self.recipe = load_recipe(resolve_model(model, cache_dir))
         self.storage = StorageOptions.model_validate(storage) if isinstance(storage, dict) else storage
@@ -143,7 +143,7 @@ class LoadStage:
         return self._configs[pruning_json]
 
     def _volume(self, batch: Batch, i: int) -> Any:
-        from pipeline.volumes import decode_volume, load_volume
+        from pipeline.io.volumes import decode_volume, load_volume
 
         fmt = _str(batch["volume_format"][i]) or None
         inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
@@ -209,7 +209,7 @@ class InferStage:
         cache_dir: str | None = None,
         keep_slices: bool = False,
     ) -> None:
-        from pruning.vlm import load_vlm
+        from pruning.runtime.vlm import load_vlm
 
         self.vlm = load_vlm(resolve_model(model, cache_dir), device=device, dtype=dtype)
         self.max_new_tokens = max_new_tokens
@@ -293,7 +293,7 @@ class ScoreStage:
     required_columns = ("prediction", "answer", "task", "error")
 
     def __init__(self, *, scorer: str = "reference") -> None:
-        from pipeline.metrics import ensure_wordnet, score_sample
+        from pipeline.metrics.scorers import ensure_wordnet, score_sample
 
         ensure_wordnet()
         self.scorer = scorer
@@ -301,7 +301,7 @@ class ScoreStage:
         score_sample("left lung", "left lung", "open", scorer=scorer)
 
     def __call__(self, batch: Batch) -> Batch:
-        from pipeline.metrics import score_sample
+        from pipeline.metrics.scorers import score_sample
 
         n = check_columns(batch, self.required_columns, "ScoreStage")
         errors = _incoming_errors(batch, n)

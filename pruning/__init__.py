@@ -20,15 +20,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pruning.accounting import PruneStats, aggregate_rates
-from pruning.attention import attention_received
-from pruning.baselines import hiprune_select, hulu_l1_keep, random_select, visionzip_select
-from pruning.config import FAMILY_TEMPERATURES, PruningConfig, default_temperature
-from pruning.iaf import IAF_UINT8_SCALE, select_slices, uniform_slices
-from pruning.merge import count_contextual, merge_contextual
-from pruning.nucleus import nucleus_mask, nucleus_select
-from pruning.token_maps import group_mean, pool_grid, strip_mean
-from pruning.windowing import (
+from pruning.methods.config import FAMILY_TEMPERATURES, PruningConfig, default_temperature
+from pruning.ops.accounting import PruneStats, aggregate_rates
+from pruning.ops.attention import attention_received
+from pruning.ops.baselines import hiprune_select, hulu_l1_keep, random_select, visionzip_select
+from pruning.ops.iaf import IAF_UINT8_SCALE, select_slices, uniform_slices
+from pruning.ops.merge import count_contextual, merge_contextual
+from pruning.ops.nucleus import nucleus_mask, nucleus_select
+from pruning.ops.token_maps import group_mean, pool_grid, strip_mean
+from pruning.ops.windowing import (
     MEDGEMMA_RGB_WINDOWS,
     WINDOWS,
     apply_named_window,
@@ -40,13 +40,13 @@ from pruning.windowing import (
 
 # name -> module providing it; imported on first access (these modules import transformers).
 _LAZY = {
-    "load_vlm": "pruning.vlm",
-    "VLM": "pruning.vlm",
-    "Generation": "pruning.vlm",
-    "SliceRecipe": "pruning.recipe",
-    "load_recipe": "pruning.recipe",
-    "create_adapter": "pruning.adapters",
-    "list_adapters": "pruning.adapters",
+    "load_vlm": "pruning.runtime.vlm",
+    "VLM": "pruning.runtime.vlm",
+    "Generation": "pruning.runtime.vlm",
+    "SliceRecipe": "pruning.runtime.recipe",
+    "load_recipe": "pruning.runtime.recipe",
+    "create_adapter": "pruning.runtime.adapters",
+    "list_adapters": "pruning.runtime.adapters",
     "make_tiny_vlm": "pruning.testing",
 }
 

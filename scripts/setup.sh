@@ -49,6 +49,6 @@ fi
 # torch first: a range in pyproject then admits it without pulling another build.
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
-"$VENV/bin/python" -m pipeline.wordnet
+"$VENV/bin/python" -m pipeline.metrics.wordnet
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"

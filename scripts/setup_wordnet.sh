@@ -17,4 +17,4 @@ if [ ! -f "$source_dir/index.noun" ]; then
     exit 1
   fi
 fi
-exec "$PYTHON" -m pipeline.wordnet
+exec "$PYTHON" -m pipeline.metrics.wordnet

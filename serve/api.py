@@ -163,7 +163,7 @@ def volume_format(fmt: str | None) -> str | None:
     Raises:
         ApiError: 400 naming the valid formats.
     """
-    from pipeline.volumes import FORMATS, VolumeError, normalise_format
+    from pipeline.io.volumes import FORMATS, VolumeError, normalise_format
 
     if fmt is None or not fmt.strip():
         return None
@@ -178,7 +178,7 @@ def volume_format(fmt: str | None) -> str | None:
 
 def format_from_filename(filename: str | None) -> str | None:
     """The format an upload's file name implies (``ct.nii.gz`` -> nifti, ``*.zip`` -> zip)."""
-    from pipeline.volumes import format_from_name
+    from pipeline.io.volumes import format_from_name
 
     if not filename:
         return None
@@ -195,7 +195,7 @@ class RequestBuilder:
             upload: bytes | None = None, upload_format: str | None = None,
             want_slices: bool = False) -> AnalysisJob:
         """Build the job; ``volume`` (JSON) or ``upload`` (multipart bytes) names the volume."""
-        from pipeline.prompts import build_prompt
+        from pipeline.datasets.prompts import build_prompt
 
         limits = self.cfg.limits
         if len(fields.question) > limits.max_question_chars:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from pipeline.config import ConfigError, StageResources
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 from pruning import PruningConfig
 
 MiB = 1024 * 1024

@@ -26,7 +26,7 @@ import numpy as np
 def _make_file(folder: Path, depth: int, size: int) -> Path:
     import nibabel as nib
 
-    from pipeline.synthetic import make_phantom
+    from pipeline.synthetic.ct import make_phantom
 
     volume = make_phantom(0, depth=depth, size=size).volume  # (D, H, W) int16 HU
     data = np.ascontiguousarray(volume[:, ::-1, ::-1].transpose(2, 1, 0))  # RAS voxel order
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import nibabel as nib
 
-    from pipeline.volumes import load_volume
+    from pipeline.io.volumes import load_volume
 
     depth, size = (64, 256) if args.quick else (300, 512)
     methods: dict[str, Callable[[Path], Callable[[], np.ndarray]]] = {

@@ -26,7 +26,7 @@ PROMPT = "Please generate a report for the given images, including findings and 
 
 
 def _phantom(depth: int, size: int, seed: int):
-    from pipeline.synthetic import make_phantom
+    from pipeline.synthetic.ct import make_phantom
 
     return make_phantom(seed, depth=depth, size=size).volume
 
@@ -58,8 +58,8 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def bench_family(family: str, args) -> dict[str, dict[str, float]]:
     """Median timings of original and medpruner for one family."""
-    from pruning.config import PruningConfig
-    from pruning.vlm import load_vlm
+    from pruning.methods.config import PruningConfig
+    from pruning.runtime.vlm import load_vlm
 
     vlm = load_vlm(_checkpoint(family, args.workdir))
     volume = _phantom(args.slices, args.phantom_size, args.seed)
@@ -102,7 +102,7 @@ def _table(results: dict[str, dict[str, dict[str, float]]], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run each family, print the table."""
-    from pruning.adapters import list_adapters
+    from pruning.runtime.adapters import list_adapters
 
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -67,7 +67,7 @@ def run_loop(config: EvalConfig) -> tuple[float, float, int]:
     """(setup s, processing s, rows) of a plain in-process loop over the same rows and stages."""
     import torch
 
-    from pipeline.datasets import read_records
+    from pipeline.datasets.records import read_records
     from pipeline.graph import expand_rows
 
     # The model actor runs with OMP/torch threads = its num_cpus (Ray sets it); so does the loop.
@@ -157,7 +157,7 @@ def part_loop_vs_ray(root: Path, manifest: str, max_new_tokens: int) -> None:
 
 def cpu_stage_capacity(config: EvalConfig, load_actors: int) -> float:
     """Rows/s the load stage sustains with ``load_actors`` single-core actors (measured here)."""
-    from pipeline.datasets import read_records
+    from pipeline.datasets.records import read_records
     from pipeline.graph import expand_rows
 
     rows = expand_rows(config, read_records(config.dataset.uri, "jsonl"))[:16]
@@ -224,7 +224,7 @@ def main(argv: list[str]) -> int:
     for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                        "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "HF_HUB_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
-    from pipeline.synthetic import make_dataset
+    from pipeline.synthetic.datasets import make_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pruning.attention import attention_received
-from pruning.iaf import select_slices
+from pruning.ops.attention import attention_received
+from pruning.ops.iaf import select_slices
 
 GB = 1e9
 MIB = 1024 * 1024

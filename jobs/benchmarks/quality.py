@@ -18,8 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.phantom import QUESTION_TYPES, fixed_examples, lesion_slices, lesion_token_positions
-from pipeline.prompts import build_prompt
+from pipeline.datasets.prompts import build_prompt
+from pipeline.synthetic.phantom_vqa import (
+    QUESTION_TYPES,
+    fixed_examples,
+    lesion_slices,
+    lesion_token_positions,
+)
 
 DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
 
@@ -41,14 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def slice_filter(distance: str, gamma: float, percentile: float = 99.0, threshold: float = 0.2):
     """A slice stage ``(prepared uint8 (D, h, w, 3)) -> kept indices`` for one IAF distance."""
     if distance == "transient":
-        from pruning.iaf_transient import select_slices_transient
+        from pruning.ops.iaf_transient import select_slices_transient
 
         return lambda vol: select_slices_transient(vol, gamma, threshold=threshold)
     if distance == "local":
-        from pruning.iaf_local import select_slices_local
+        from pruning.ops.iaf_local import select_slices_local
 
         return lambda vol: select_slices_local(vol, gamma, gamma_local=0.3)
-    from pruning.iaf import select_slices
+    from pruning.ops.iaf import select_slices
 
     return lambda vol: select_slices(vol, gamma, distance=distance, percentile=percentile)
 
@@ -80,10 +85,10 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
     Gamma (the anatomy anchors) is the knob; when even gamma = 2 (slice 0 plus findings) keeps
     more than ``target``, the finding threshold is raised from its default 0.2 instead. The
     transient scores are computed once; the kept set is the one
-    :func:`pruning.iaf_transient.select_slices_transient` returns (anchors plus findings).
+    :func:`pruning.ops.iaf_transient.select_slices_transient` returns (anchors plus findings).
     """
-    from pruning.iaf import select_slices
-    from pruning.iaf_transient import transient_scores
+    from pruning.ops.iaf import select_slices
+    from pruning.ops.iaf_transient import transient_scores
 
     scores = [transient_scores(v) for v in volumes]
 
@@ -101,8 +106,8 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
 
 def run_method(vlm, items, prepared, pruning, stage, batch: int) -> dict:
     """Generate for every item; returns accuracy per type, rates and lesion recalls."""
-    from pipeline.metrics import score_sample
-    from pruning.accounting import aggregate_rates
+    from pipeline.metrics.scorers import score_sample
+    from pruning.ops.accounting import aggregate_rates
 
     hits = {q: [] for q in QUESTION_TYPES}
     stats, les_slices, les_tokens, les_any = [], [0, 0], [0, 0], [0, 0]
@@ -230,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run every method on the held-out phantoms and print the table."""
     import torch
 
-    from pruning.config import PruningConfig
-    from pruning.vlm import load_vlm
+    from pruning.methods.config import PruningConfig
+    from pruning.runtime.vlm import load_vlm
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -73,7 +73,7 @@ def _overhead(url: str, model_dir: str, body: dict, pruning_json: str, repeats: 
     import httpx
     import torch
 
-    from pipeline.prompts import build_prompt
+    from pipeline.datasets.prompts import build_prompt
     from pipeline.stages import InferStage, LoadStage
 
     torch.set_num_threads(1)  # as the model replica (num_cpus=1 -> OMP_NUM_THREADS=1)

@@ -70,8 +70,8 @@ def small_config(output: str, manifest: str, fmt: str, cache: str, **extra: Any)
 
 def manifest_with_corrupt_volume(folder: Path, volumes: int = 2, limit: int = 4) -> str:
     """A jsonl manifest: ``limit`` records of a synthetic dataset plus one unreadable volume."""
-    from pipeline.datasets import read_records, write_jsonl
-    from pipeline.synthetic import make_dataset
+    from pipeline.datasets.records import read_records, write_jsonl
+    from pipeline.synthetic.datasets import make_dataset
 
     records = read_records(make_dataset(str(folder / "data"), "jsonl", n=volumes, seed=0), "jsonl")
     records = records[:limit]

@@ -11,7 +11,7 @@ import pytest
 
 from jobs import cli, report, sweep
 from pipeline.config import ConfigError, EvalConfig, apply_overrides, load_config
-from pipeline.results import coerce_results, write_results
+from pipeline.io.results import coerce_results, write_results
 from tests.jobs.helpers import REPO, ray_env
 
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -118,7 +118,7 @@ def test_local_ray_is_sized_for_the_pools_and_refuses_missing_gpus() -> None:
 
 
 def test_phantom_benchmark_dataset_and_model_resolve(tmp_path: Path) -> None:
-    from pipeline.datasets import read_records
+    from pipeline.datasets.records import read_records
     from pipeline.graph import resolve_manifest
     from pipeline.stages import resolve_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jobs.benchmarks.quality import calibrate_transient, mean_kept, slice_filter
-from pipeline.phantom import fixed_examples
+from pipeline.synthetic.phantom_vqa import fixed_examples
 
 
 def test_transient_filter_is_calibrated_to_the_paper_filters_budget() -> None:

@@ -7,12 +7,12 @@ import json
 import numpy as np
 
 from jobs.train_phantom import main
-from pipeline.phantom import make_example
-from pipeline.prompts import build_prompt
+from pipeline.datasets.prompts import build_prompt
+from pipeline.synthetic.phantom_vqa import make_example
 
 
 def test_a_few_steps_save_a_checkpoint_load_vlm_opens(tmp_path):
-    from pruning.vlm import load_vlm
+    from pruning.runtime.vlm import load_vlm
 
     out = tmp_path / "ckpt"
     argv = ["--seed", "0", "--minutes", "5", "--max-steps", "2", "--out", str(out),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 from tests.s3_server import S3Server, start_s3_server, weed_binary
 
 # Registry failures that mean "cannot reach the package index", as opposed to a broken command.

@@ -23,9 +23,9 @@ from pipeline.graph import (
     run_evaluation,
     stage_specs,
 )
+from pipeline.io.results import RESULT_COLUMNS, coerce_results, merge_results
+from pipeline.metrics.summary import summarize_results, summary_markdown
 from pipeline.progress import Progress
-from pipeline.results import RESULT_COLUMNS, coerce_results, merge_results
-from pipeline.summary import summarize_results, summary_markdown
 from tests.jobs.helpers import (
     crash_once_infer_stage,
     manifest_with_corrupt_volume,
@@ -58,7 +58,7 @@ def _config(data: dict[str, str], name: str, **extra: object):
 # ---------------------------------------------------------------- pure helpers (no Ray)
 
 def test_expand_rows_is_method_major_with_prompts(data: dict[str, str]) -> None:
-    from pipeline.datasets import read_records
+    from pipeline.datasets.records import read_records
 
     config = _config(data, "unused")
     records = read_records(data["manifest"], "jsonl")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.graph import run_evaluation
-from pipeline.storage import StorageOptions, pyarrow_filesystem, read_bytes
+from pipeline.io.storage import StorageOptions, pyarrow_filesystem, read_bytes
 from tests.jobs.helpers import small_config, start_local_ray
 from tests.pipeline.test_graph import DESIGN_COLUMNS
 
@@ -35,7 +35,7 @@ def test_evaluation_reads_and_writes_s3(
     fmt: str, ray_session: None, s3_storage: StorageOptions, s3_prefix: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from pipeline.synthetic import make_dataset
+    from pipeline.synthetic.datasets import make_dataset
 
     manifest = make_dataset(f"{s3_prefix}/data", fmt, n=1, seed=3, storage=s3_storage)
     assert manifest.startswith("s3://")

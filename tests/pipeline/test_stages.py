@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.stages import InferStage, LoadStage, ScoreStage, resolve_model
-from pipeline.synthetic import make_phantom
+from pipeline.synthetic.ct import make_phantom
 from pruning import PruningConfig
 
 MODEL = "tiny:qwen2_5_vl"

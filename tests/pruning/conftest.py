@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pruning.adapters import list_adapters
+from pruning.runtime.adapters import list_adapters
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,6 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session", params=list_adapters())
 def tiny_vlm(request, tiny_checkpoints):
     """A loaded tiny VLM, once per family for the whole session."""
-    from pruning.vlm import load_vlm
+    from pruning.runtime.vlm import load_vlm
 
     return load_vlm(tiny_checkpoints[request.param])

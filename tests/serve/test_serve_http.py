@@ -100,7 +100,7 @@ def test_openai_client(served):
 
 
 def test_parity_with_evaluation_stages(served):
-    from pipeline.prompts import build_prompt
+    from pipeline.datasets.prompts import build_prompt
     from pipeline.stages import InferStage, LoadStage
     from pruning import PruningConfig
 

@@ -1,0 +1,1 @@
+"""Synthetic data: phantom CT volumes and datasets in every format, and the phantom VQA benchmark."""

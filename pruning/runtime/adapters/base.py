@@ -1,0 +1,182 @@
+"""The adapter protocol: what differs between VLM families, behind one small interface.
+
+An adapter knows, for one family of unmodified ``transformers`` models:
+- the prompt layout (one image entry per slice; MedGemma: ``SLICE i:`` before each image) and
+  how each image placeholder expands to LLM tokens;
+- the pixel layout its vision tower expects, computed from uint8 slices on the device;
+- which vision attention module feeds DINS, and how patches map to LLM tokens;
+- the position ids of the full (unpruned) sequence and the ``mm_encoder_outputs`` object its
+  ``forward`` accepts, plus any extra per-token inputs (Gemma3 ``token_type_ids``).
+
+:meth:`Adapter.encode` (shared) runs the vision tower on kept slices only, capturing attention
+importance through :func:`pruning.runtime.capture.capture_attention` when selection needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruning.runtime.capture import capture_attention
+from pruning.runtime.recipe import SliceRecipe
+
+
+@dataclass
+class Encoded:
+    """Vision-tower output for n slices, in LLM-token raster order."""
+
+    embeddings: torch.Tensor  # (n, K, D) projector output
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # each (n, K, D) (Qwen3-VL)
+    scores: torch.Tensor | None = None  # (n, K) float32 attention received, selection layer
+    keys: torch.Tensor | None = None  # (n, K, d) float32 head-mean keys, selection layer
+    object_scores: torch.Tensor | None = None  # (n, K) float32, HiPrune's object layer
+    capture_seconds: float = 0.0  # time spent computing importance inside the tower
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so wall clocks measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Adapter(ABC):
+    """Family-specific pieces; see the module docstring."""
+
+    family: str = ""
+    model_class: str = ""  # name of the transformers class to load
+
+    # ------------------------------------------------------------------ loading
+    def load_model(self, ckpt: Path, *, device: torch.device, dtype: torch.dtype,
+                   attn_implementation: str) -> nn.Module:
+        """Load the unmodified model from a local checkpoint directory."""
+        import transformers
+
+        cls = getattr(transformers, self.model_class)
+        model = cls.from_pretrained(ckpt, dtype=dtype, attn_implementation=attn_implementation,
+                                    local_files_only=True)
+        return model.to(device).eval()
+
+    @abstractmethod
+    def load_processor(self, ckpt: Path) -> Any:
+        """The checkpoint's processor (tokenizer + image processor + chat template)."""
+
+    @abstractmethod
+    def bind(self, model: nn.Module) -> None:
+        """Read whatever geometry the adapter needs from a loaded model's config."""
+
+    # ------------------------------------------------------------------ prompt
+    @abstractmethod
+    def message_content(self, slice_numbers: list[int], prompt: str) -> list[dict[str, Any]]:
+        """Chat-message content: one image entry per slice (``slice_numbers`` are 0-based)."""
+
+    @abstractmethod
+    def expand_images(self, text: str, processor: Any, tokens_per_slice: int) -> str:
+        """Replace each rendered image placeholder by its full LLM-token sequence."""
+
+    @abstractmethod
+    def reserved_strings(self, processor: Any) -> list[str]:
+        """Strings a user prompt must not contain (they would be read as image tokens)."""
+
+    def image_token_id(self, model: nn.Module) -> int:
+        """Token id of one visual LLM token."""
+        return int(model.config.image_token_id)
+
+    # ------------------------------------------------------------------ vision
+    @abstractmethod
+    def pixel_inputs(self, slices: torch.Tensor, recipe: SliceRecipe, lut: torch.Tensor,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Vision-tower inputs from uint8 slices (n, h, w, 3) on the device.
+
+        ``lut`` is the recipe's (3, 256) float32 normalisation table on the same device.
+        """
+
+    @abstractmethod
+    def run_tower(self, model: nn.Module, inputs: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the vision tower + projector: ((n, K, D), deepstack [(n, K, D), ...])."""
+
+    @abstractmethod
+    def attention_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention module of every vision block, in order."""
+
+    @abstractmethod
+    def vision_config(self, model: nn.Module) -> Any:
+        """The config object the vision attention reads ``_attn_implementation`` from."""
+
+    def selection_layer(self, model: nn.Module) -> int:
+        """Index of the vision block whose attention feeds DINS (default: the last)."""
+        return len(self.attention_layers(model)) - 1
+
+    @abstractmethod
+    def to_tokens(self, values: torch.Tensor, inputs: dict[str, torch.Tensor], n: int,
+                  profile: str) -> torch.Tensor:
+        """Map per-patch values in the tower's call order, (N, ...) -> per-token (n, K, ...)."""
+
+    def encode(
+        self,
+        model: nn.Module,
+        slices: torch.Tensor,
+        recipe: SliceRecipe,
+        lut: torch.Tensor,
+        *,
+        scores: bool = False,
+        keys: bool = False,
+        object_layer: int | None = None,
+        profile: str = "paper",
+    ) -> Encoded:
+        """Encode uint8 slices (n, h, w, 3) on the device; optionally capture importance."""
+        dtype = next(model.parameters()).dtype
+        inputs = self.pixel_inputs(slices, recipe, lut, dtype)
+        n = int(slices.shape[0])
+        if not (scores or keys or object_layer is not None):
+            with torch.inference_mode():
+                embeds, deepstack = self.run_tower(model, inputs)
+            return Encoded(embeddings=embeds, deepstack=deepstack)
+        layers = self.attention_layers(model)
+        watch = {"select": layers[self.selection_layer(model)]}
+        if object_layer is not None:
+            if not 0 <= object_layer < len(layers):
+                raise ValueError(f"object layer {object_layer} out of range 0..{len(layers) - 1}")
+            watch["object"] = layers[object_layer]
+        with capture_attention(model, self.vision_config(model), watch,
+                               keys_for=("select",) if keys else ()) as caps, torch.inference_mode():
+            embeds, deepstack = self.run_tower(model, inputs)
+        out = Encoded(embeddings=embeds, deepstack=deepstack,
+                      capture_seconds=sum(c.seconds for c in caps.values()))
+        start = time.perf_counter()
+        out.scores = self.to_tokens(caps["select"].all_scores(), inputs, n, profile)
+        if keys:
+            out.keys = self.to_tokens(caps["select"].all_keys(), inputs, n, profile)
+        if object_layer is not None:
+            out.object_scores = self.to_tokens(caps["object"].all_scores(), inputs, n, profile)
+        synchronize(slices.device)
+        out.capture_seconds += time.perf_counter() - start
+        return out
+
+    # ------------------------------------------------------------------ language model
+    @abstractmethod
+    def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     num_images: int, recipe: SliceRecipe) -> torch.Tensor:
+        """Positions of one full (unpruned) sequence: (R, L) for ids (L,), image mask (L,)."""
+
+    @abstractmethod
+    def encoder_outputs(self, features: torch.Tensor, deepstack: list[torch.Tensor]) -> Any:
+        """``mm_encoder_outputs["image"]`` for kept features (T, D) of the whole batch."""
+
+    def renumber_positions(self, profile: str) -> bool:
+        """True to number the pruned sequence 0..L-1 instead of gathering full positions."""
+        return False
+
+    def extra_inputs(self, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token model inputs beyond ids / mask / positions, for a (B, L) image mask."""
+        return {}
+
+    def batch_positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Stack left-padded per-sample positions (R, L) into the model's layout."""
+        return torch.stack(rows, dim=1)  # (R, B, L)

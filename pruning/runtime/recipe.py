@@ -1,0 +1,287 @@
+"""Slice recipe: how one 3D volume becomes model-resolution RGB slices, and which slices stay.
+
+A :class:`SliceRecipe` is small, picklable and torch-free, so the CPU side of a pipeline can
+window, resize and run the slice-level selection (IAF) before anything reaches the GPU. It is
+derived from a checkpoint's JSON files only (:func:`load_recipe`), never its weights.
+
+Defaults, documented once here:
+- CT in Hounsfield units is shown through the ``soft_tissue`` window (W400 / L40); MedGemma's
+  three-window RGB packing (``rgb_packing=True``) is available for any family.
+- uint8 input is taken as already windowed; other modalities (MR, ...) are min-max scaled.
+- Slices are resized to the model's input size with the image processor's own resampling
+  filter (Qwen: the processor's ``smart_resize`` of a 512 x 512 source; Gemma3: its fixed size),
+  so the HF image processor would leave them unchanged.
+- ``gamma`` refers to the IAF scale of mean = std = 0.5, i.e. values in [-1, 1]
+  (:meth:`SliceRecipe.iaf_input`), whatever the model's own normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pruning.ops.windowing import apply_named_window, pack_three_windows, to_uint8_minmax
+
+MODALITIES = ("CT", "MR", "MRI", "PT", "US", "XR", "OTHER")
+
+
+class SliceRecipe(BaseModel):
+    """Per-family preprocessing of volume slices into model input."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: str = Field(description="adapter family, e.g. 'qwen2_5_vl'")
+    size: tuple[int, int] = Field(description="model input (height, width) in pixels")
+    image_mean: tuple[float, float, float] = Field(description="processor mean per channel")
+    image_std: tuple[float, float, float] = Field(description="processor std per channel")
+    rescale_factor: float = Field(default=1 / 255, description="uint8 -> [0, 1] factor")
+    resample: int = Field(default=3, description="PIL resampling filter (3 bicubic, 2 bilinear)")
+    window: str = Field(default="soft_tissue", description="CT window for HU volumes")
+    rgb_packing: bool = Field(default=False, description="MedGemma three-window RGB packing")
+    tokens_per_slice: int = Field(description="LLM visual tokens per slice")
+    token_grid: tuple[int, int] = Field(description="LLM tokens per slice as rows x cols")
+
+    # ----------------------------------------------------------------- preparation
+    def prepare(self, volume: np.ndarray | Sequence[np.ndarray], modality: str = "CT") -> np.ndarray:
+        """Window, resize and convert a volume to uint8 RGB slices at the model size.
+
+        Args:
+            volume: (D, H, W) or (D, H, W, 3), any real dtype (HU for CT), or a sequence of
+                equally sized 2D / (H, W, 3) slices.
+            modality: "CT" applies the recipe's window (or RGB packing) to non-uint8 input;
+                anything else is min-max scaled.
+
+        Returns:
+            (D, h, w, 3) uint8 with (h, w) = ``size``.
+
+        Raises:
+            ValueError: wrong ndim, empty volume, non-finite values, mismatched slice sizes.
+        """
+        arr = check_volume(volume)
+        if arr.dtype != np.uint8:
+            if modality.upper() == "CT" and arr.ndim == 3:
+                arr = pack_three_windows(arr) if self.rgb_packing else apply_named_window(arr, self.window)
+            else:
+                arr = to_uint8_minmax(arr)
+        arr = self._resize(arr)
+        if arr.ndim == 3:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        return np.ascontiguousarray(arr)
+
+    def is_prepared(self, volume: np.ndarray) -> bool:
+        """True if ``volume`` is already uint8 (D, h, w, 3) at the recipe's size."""
+        return (isinstance(volume, np.ndarray) and volume.dtype == np.uint8 and volume.ndim == 4
+                and volume.shape[1:] == (*self.size, 3))
+
+    def _resize(self, arr: np.ndarray) -> np.ndarray:
+        if arr.shape[1:3] == tuple(self.size):
+            return arr
+        from PIL import Image
+
+        h, w = self.size
+        out = np.empty((arr.shape[0], h, w, *arr.shape[3:]), dtype=np.uint8)
+        for i, slc in enumerate(arr):
+            out[i] = np.asarray(Image.fromarray(slc).resize((w, h), resample=self.resample))
+        return out
+
+    # ----------------------------------------------------------------- normalisation
+    def lut(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+        """(3, 256) float32 table reproducing the HF numpy ops exactly for every uint8 value.
+
+        Defaults to the processor's own mean / std.
+        """
+        mean = self.image_mean if mean is None else mean
+        std = self.image_std if std is None else std
+        values = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        m = np.asarray(mean, dtype=np.float32)[:, None]
+        s = np.asarray(std, dtype=np.float32)[:, None]
+        return (values[None, :] - m) / s
+
+    def normalise(self, slices_u8: np.ndarray) -> np.ndarray:
+        """uint8 (D, h, w, 3) -> float32 (D, 3, h, w) on the processor's normalised scale."""
+        return _apply_lut(slices_u8, self.lut())
+
+    def iaf_input(self, slices_u8: np.ndarray) -> np.ndarray:
+        """uint8 (D, h, w, 3) -> float32 (D, 3, h, w) on the [-1, 1] scale gamma refers to."""
+        return _apply_lut(slices_u8, self.lut((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+
+    # ----------------------------------------------------------------- slice selection
+    def select_slices(self, slices_u8: np.ndarray, pruning: Any) -> np.ndarray:
+        """Slice-level stage of every method: the indices (ascending, int64) to encode.
+
+        medpruner with ``use_iaf`` runs IAF on :meth:`iaf_input`; ``uniform`` takes a fixed
+        stride to ``uniform_slices`` (or ``uniform_ratio`` of the depth); every other method
+        keeps all slices. ``max_slices`` caps the result by an even subsample.
+        """
+        from pruning.ops.iaf import select_slices, uniform_slices
+
+        depth = int(slices_u8.shape[0])
+        if depth == 0:
+            raise ValueError("expected at least one slice, got an empty volume")
+        if pruning.method == "medpruner" and pruning.use_iaf:
+            # uint8 in, read through the [-1, 1] scale (2/255 per level): exact, no float copy.
+            return np.asarray(
+                select_slices(
+                    slices_u8, pruning.gamma, min_slices=pruning.min_slices,
+                    max_slices=pruning.max_slices, keep_last=pruning.keep_last,
+                    distance=pruning.iaf_distance, percentile=pruning.iaf_percentile,
+                    gamma_local=pruning.iaf_gamma_local,
+                    finding_threshold=pruning.iaf_finding_threshold, span=pruning.iaf_span,
+                    shift=pruning.iaf_shift, finding_size=pruning.iaf_finding_size,
+                ),
+                dtype=np.int64,
+            )
+        if pruning.method == "uniform":
+            budget = pruning.uniform_slices or max(1, round(depth * pruning.uniform_ratio))
+            budget = max(budget, pruning.min_slices)
+            if pruning.max_slices is not None:
+                budget = min(budget, pruning.max_slices)
+            return np.asarray(uniform_slices(depth, min(budget, depth)), dtype=np.int64)
+        if pruning.max_slices is not None and depth > pruning.max_slices:
+            return np.asarray(uniform_slices(depth, pruning.max_slices), dtype=np.int64)
+        return np.arange(depth, dtype=np.int64)
+
+
+def _apply_lut(slices_u8: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    if slices_u8.dtype != np.uint8 or slices_u8.ndim != 4 or slices_u8.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 slices of shape (D, h, w, 3), got {slices_u8.dtype} {slices_u8.shape}"
+        )
+    chw = np.moveaxis(slices_u8, -1, 1)  # (D, 3, h, w)
+    return np.stack([lut[c][chw[:, c]] for c in range(3)], axis=1)
+
+
+def check_volume(volume: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Validate a volume and return it as an ndarray; see :meth:`SliceRecipe.prepare`."""
+    if isinstance(volume, (list, tuple)):
+        if not volume:
+            raise ValueError("expected a volume with at least one slice, got an empty sequence")
+        shapes = {np.shape(s) for s in volume}
+        if len(shapes) != 1:
+            raise ValueError(f"mismatched slice sizes {sorted(shapes)}; all slices must have one shape")
+        volume = np.stack([np.asarray(s) for s in volume])
+    arr = np.asarray(volume)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"expected a numeric volume, got dtype {arr.dtype}")
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
+        raise ValueError(f"expected a volume of shape (D, H, W) or (D, H, W, 3), got {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"expected a non-empty volume, got shape {arr.shape}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError("volume contains NaN or infinite values; expected finite intensities")
+    return arr
+
+
+# --------------------------------------------------------------------- loading
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A local checkpoint directory, or the cached snapshot of a hub id (never downloads).
+
+    Raises:
+        FileNotFoundError: if ``model`` is neither a directory nor in the local hub cache.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any hub error means "not available offline"
+        raise FileNotFoundError(
+            f"{model!r} is not a checkpoint directory and is not in the local Hugging Face cache "
+            "(downloads are disabled); pass a local directory"
+        ) from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def image_processor_config(ckpt: Path) -> dict[str, Any]:
+    """The image-processor JSON of a checkpoint (preprocessor_config or processor_config)."""
+    pre = _read_json(ckpt / "preprocessor_config.json")
+    if pre:
+        return pre
+    return dict(_read_json(ckpt / "processor_config.json").get("image_processor", {}))
+
+
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    """Qwen's resize rule: multiples of ``factor``, pixel count within [min, max]."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def recipe_from_configs(
+    config: dict[str, Any],
+    proc: dict[str, Any],
+    *,
+    source_size: tuple[int, int] = (512, 512),
+    window: str = "soft_tissue",
+    rgb_packing: bool = False,
+) -> SliceRecipe:
+    """Build the recipe from a checkpoint's ``config.json`` and image-processor JSON dicts."""
+    from pruning.runtime.adapters import family_for_config
+
+    family = family_for_config(config)
+    mean = tuple(proc.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(proc.get("image_std", (0.5, 0.5, 0.5)))
+    common = dict(family=family, image_mean=mean, image_std=std, window=window,
+                  rgb_packing=rgb_packing, rescale_factor=proc.get("rescale_factor", 1 / 255))
+    if family == "gemma3":
+        size = proc.get("size", {"height": 896, "width": 896})
+        tokens = int(config.get("mm_tokens_per_image", 256))
+        side = math.isqrt(tokens)
+        return SliceRecipe(size=(size["height"], size["width"]), resample=proc.get("resample", 2),
+                           tokens_per_slice=tokens, token_grid=(side, side), **common)
+    vision = config.get("vision_config", {})
+    patch = int(proc.get("patch_size", vision.get("patch_size", 14)))
+    merge = int(proc.get("merge_size", vision.get("spatial_merge_size", 2)))
+    size = proc.get("size") or {}
+    min_px = int(proc.get("min_pixels") or size.get("shortest_edge", 56 * 56))
+    max_px = int(proc.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280))
+    h, w = _smart_resize(source_size[0], source_size[1], patch * merge, min_px, max_px)
+    grid = (h // (patch * merge), w // (patch * merge))
+    return SliceRecipe(size=(h, w), resample=proc.get("resample", 3),
+                       tokens_per_slice=grid[0] * grid[1], token_grid=grid, **common)
+
+
+def load_recipe(
+    model_path_or_id: str | Path,
+    *,
+    source_size: tuple[int, int] = (512, 512),
+    window: str = "soft_tissue",
+    rgb_packing: bool = False,
+) -> SliceRecipe:
+    """Read a checkpoint's config and image-processor JSON (no weights) into a recipe.
+
+    Args:
+        model_path_or_id: checkpoint directory or cached hub id.
+        source_size: typical slice size the Qwen dynamic-resolution rule is applied to.
+        window: CT window name (see :data:`pruning.ops.windowing.WINDOWS`).
+        rgb_packing: use MedGemma's three-window RGB packing for HU input.
+    """
+    ckpt = resolve_checkpoint(model_path_or_id)
+    config = _read_json(ckpt / "config.json")
+    if not config:
+        raise FileNotFoundError(f"no config.json in checkpoint {ckpt}")
+    return recipe_from_configs(config, image_processor_config(ckpt), source_size=source_size,
+                               window=window, rgb_packing=rgb_packing)

@@ -1,0 +1,136 @@
+"""Build the pruned language-model input of each volume, and pad samples into a batch.
+
+The full prompt (every encoded slice with all K placeholders) is rendered with the
+checkpoint's own chat template and tokenized; its position ids are computed by the adapter on
+this *full* sequence (Qwen: 3-row M-RoPE from ``get_rope_index``); then placeholder columns of
+pruned tokens are dropped and ids, positions and image mask gathered at the kept columns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pruning.runtime.adapters.base import synchronize
+
+
+@dataclass
+class Sample:
+    """One volume's pruned LM input and bookkeeping."""
+
+    input_ids: torch.Tensor  # (L,) long
+    positions: torch.Tensor  # (R, L) long (R = 3 for Qwen M-RoPE, 1 for Gemma3)
+    image_mask: torch.Tensor  # (L,) bool, True at visual tokens
+    features: torch.Tensor  # (T, D) kept visual features in sequence order
+    deepstack: list[torch.Tensor]  # each (T, D) (Qwen3-VL)
+    stats: Any  # PruneStats
+    kept_slices: list[int]
+    kept_tokens: list[list[int]]
+
+
+def token_pixels(vlm, slices_u8: np.ndarray) -> torch.Tensor:
+    """(n, K, F) processor-normalised pixels under each LLM token (Hulu-L1's input)."""
+    slices = torch.from_numpy(slices_u8).to(vlm.device).permute(0, 3, 1, 2).long()  # (n, 3, h, w)
+    channel = torch.arange(3, device=vlm.device).view(1, 3, 1, 1)
+    pixels = vlm.lut[channel, slices]  # (n, 3, h, w)
+    n, _, h, w = pixels.shape
+    rows, cols = vlm.recipe.token_grid
+    blocks = pixels.view(n, 3, rows, h // rows, cols, w // cols).permute(0, 2, 4, 1, 3, 5)
+    return blocks.reshape(n, rows * cols, -1)
+
+
+def render_prompt(vlm, numbers: list[int], prompt: str) -> torch.Tensor:
+    """Token ids (L,) of the full prompt with every slice's K placeholders."""
+    adapter, processor = vlm.adapter, vlm.processor
+    messages = [{"role": "user", "content": adapter.message_content(numbers, prompt)}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = adapter.expand_images(text, processor, vlm.recipe.tokens_per_slice)
+    ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[0].to(vlm.device)
+
+
+def build_sample(vlm, plan: dict[str, Any], enc, pruning) -> tuple[Sample, float]:
+    """Select tokens of one volume and gather its pruned LM input.
+
+    Returns the sample and the seconds spent in token selection (prompt building excluded).
+    """
+    from pruning.methods.select import select_tokens
+    from pruning.ops.accounting import PruneStats
+
+    k = vlm.recipe.tokens_per_slice
+    pixels = token_pixels(vlm, plan["slices"]) if pruning.method == "hulu_l1" else None
+    iaf_kept = None if plan["iaf_kept"] is None else torch.from_numpy(plan["iaf_kept"])
+    synchronize(vlm.device)
+    start = time.perf_counter()
+    selections = select_tokens(enc, pruning, family=vlm.family, token_grid=vlm.recipe.token_grid,
+                               token_pixels=pixels, iaf_kept=iaf_kept)
+    synchronize(vlm.device)
+    select_seconds = time.perf_counter() - start
+    numbers = plan["numbers"]
+    ids = render_prompt(vlm, numbers, plan["prompt"])
+    image_mask = ids == vlm.adapter.image_token_id(vlm.model)
+    if int(image_mask.sum()) != len(numbers) * k:
+        raise RuntimeError(f"prompt has {int(image_mask.sum())} visual tokens, expected "
+                           f"{len(numbers)} slices x {k}")
+    positions = vlm.adapter.position_ids(vlm.model, ids, image_mask, len(numbers), vlm.recipe)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    blocks = torch.nonzero(image_mask, as_tuple=True)[0].view(len(numbers), k)  # (n, K)
+    for block, sel in zip(blocks, selections, strict=True):
+        dropped = torch.ones(k, dtype=torch.bool, device=ids.device)
+        dropped[sel.indices.to(ids.device)] = False
+        keep[block[dropped]] = False
+    positions = positions[:, keep]
+    if vlm.adapter.renumber_positions(pruning.profile):
+        positions = torch.arange(int(keep.sum()), device=ids.device).expand_as(positions)
+    counts = [int(sel.indices.numel()) for sel in selections]
+    kept = [j for j, c in enumerate(counts) if c > 0]
+    slices_kept = len(numbers) if iaf_kept is None else int(iaf_kept.sum())
+    stats = PruneStats(
+        slices_total=plan["total"], slices_kept=slices_kept, tokens_total=plan["total"] * k,
+        tokens_after_iaf=slices_kept * k, tokens_kept=sum(counts),
+        tokens_per_slice=[counts[j] for j in kept],
+    )
+    sample = Sample(
+        input_ids=ids[keep], positions=positions, image_mask=image_mask[keep],
+        features=torch.cat([sel.embeddings for sel in selections]),
+        deepstack=[torch.cat([sel.deepstack[j] for sel in selections])
+                   for j in range(len(selections[0].deepstack))],
+        stats=stats, kept_slices=[numbers[j] for j in kept],
+        kept_tokens=[selections[j].indices.tolist() for j in kept],
+    )
+    return sample, select_seconds
+
+
+def build_batch(vlm, samples: list[Sample]) -> dict[str, Any]:
+    """Left-pad samples into model kwargs for ``forward`` / ``generate``."""
+    pad_id = vlm.processor.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    length = max(s.input_ids.shape[0] for s in samples)
+    device = vlm.device
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(samples), length), dtype=torch.long, device=device)
+    image = torch.zeros((len(samples), length), dtype=torch.bool, device=device)
+    rows = []
+    for b, s in enumerate(samples):
+        n = s.input_ids.shape[0]
+        ids[b, length - n:] = s.input_ids
+        mask[b, length - n:] = 1
+        image[b, length - n:] = s.image_mask
+        pos = torch.zeros((s.positions.shape[0], length), dtype=torch.long, device=device)
+        pos[:, length - n:] = s.positions
+        rows.append(pos)
+    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
+                              "position_ids": vlm.adapter.batch_positions(rows)}
+    inputs.update(vlm.adapter.extra_inputs(image))
+    features = torch.cat([s.features for s in samples])
+    if features.shape[0]:
+        dtype = next(vlm.model.parameters()).dtype
+        deepstack = [torch.cat([s.deepstack[j] for s in samples]).to(dtype)
+                     for j in range(len(samples[0].deepstack))]
+        inputs["mm_encoder_outputs"] = {
+            "image": vlm.adapter.encoder_outputs(features.to(dtype), deepstack)}
+    return inputs
