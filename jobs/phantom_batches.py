@@ -102,6 +102,8 @@ class PhantomBatcher:
         vc = cfg.vision_config
         self.patch, self.merge, self.temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         self.batch_size = batch_size
+        side = PhantomSpec().size  # phantom slices are square, at the spec's side
+        self.slice_shape = (side, side)
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         self._prefix: dict[tuple[int, str], list[int]] = {}
@@ -113,7 +115,8 @@ class PhantomBatcher:
             content = [{"type": "image"}] * n_slices + [{"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-            text = text.replace("<|image_pad|>", "<|image_pad|>" * self.recipe.tokens_per_slice)
+            tokens = self.recipe.tokens_per_slice(self.recipe.size_for(*self.slice_shape))
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * tokens)
             self._prefix[key] = self.tokenizer(text, add_special_tokens=False).input_ids
         return self._prefix[key]
 

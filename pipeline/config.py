@@ -10,14 +10,17 @@ silently ignored setting. ``load_config`` turns a YAML path plus CLI overrides i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
-from pruning import PruningConfig
+from pruning.methods import PruningField
+from pruning.runtime.checkpoints import DEFAULT_CACHE_DIR, cache_path
 
 SYNTHETIC = "synthetic"
 PHANTOM = "phantom"
@@ -28,11 +31,14 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one line naming the field."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config and request schema: unknown keys are errors, assignments are
+    validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class StageResources(_Strict):
+class StageResources(StrictModel):
     """Resources and pool size of one stage, shared by Ray Data (actor pools) and Ray Serve."""
 
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs per actor (fractions allowed)")
@@ -74,7 +80,7 @@ def _default_stages() -> dict[str, StageResources]:
     }
 
 
-class StagesConfig(_Strict):
+class StagesConfig(StrictModel):
     """Per-stage resources: CPU loading + IAF, model inference, CPU scoring."""
 
     load: StageResources = Field(default_factory=lambda: _default_stages()["load"])
@@ -82,7 +88,7 @@ class StagesConfig(_Strict):
     score: StageResources = Field(default_factory=lambda: _default_stages()["score"])
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(StrictModel):
     """Which manifest to read and how."""
 
     uri: str = Field(
@@ -117,7 +123,7 @@ class DatasetConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The checkpoint to evaluate."""
 
     path: str = Field(
@@ -127,6 +133,18 @@ class ModelConfig(_Strict):
     )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
+    slice_size: tuple[int, int] | None = Field(
+        None, description="(height, width): resize every volume as the checkpoint's processor "
+        "would resize a slice of this size (uniform batches; token counts then differ from the "
+        "processor's for other sizes). None: each volume from its own slice size, as the "
+        "processor does")
+
+    @field_validator("slice_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"slice_size must be two positive pixel counts, got {value}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -134,11 +152,11 @@ class ModelConfig(_Strict):
         return {"path": data} if isinstance(data, str) else data
 
 
-class MethodSpec(_Strict):
+class MethodSpec(StrictModel):
     """One named pruning method; the name is the ``method`` column of the results."""
 
     name: str = Field(description="label used in results and summaries (unique per job)")
-    pruning: PruningConfig = Field(description="the pruning configuration")
+    pruning: PruningField = Field(description="the pruning configuration")
 
     @model_validator(mode="before")
     @classmethod
@@ -154,7 +172,7 @@ class MethodSpec(_Strict):
         return data
 
 
-class RayOptions(_Strict):
+class RayOptions(StrictModel):
     """How to reach Ray: an existing cluster or a local instance started by the job."""
 
     address: str | None = Field(
@@ -170,24 +188,41 @@ class RayOptions(_Strict):
     progress_bars: bool = Field(False, description="Ray Data's own progress bars")
 
 
-class RunOptions(_Strict):
+class RunOptions(StrictModel):
     """Behaviour of one run."""
 
     resume: bool = Field(True, description="skip (id, method) pairs already in the output")
     retry_errors: bool = Field(False, description="on resume, re-run pairs that ended in error")
+    retry_transient: bool = Field(
+        True, description="on resume, re-run pairs whose error was transient (storage outage)"
+    )
     flush_rows: int = Field(64, ge=1, description="rows per results part file written while running")
     progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines")
     max_volume_bytes: int = Field(
         2 * 1024**3, ge=1, description="refuse volumes larger than this (bytes, after fetch)"
     )
+    limits: DecodeLimits = Field(
+        default_factory=DecodeLimits,
+        description="decoded bytes, slices, pixels per slice and time of decoding one volume",
+    )
+    transient_retries: int = Field(
+        3, ge=0, le=20, description="retries of a volume read that failed transiently"
+    )
+    retry_backoff_s: float = Field(
+        1.0, ge=0, description="first wait before such a retry (doubles each time)"
+    )
+    max_error_rate: float = Field(
+        0.5, ge=0, le=1, description="fail the job (exit 1) when more rows than this share "
+        "end in error"
+    )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """A complete evaluation job."""
 
     output: str = Field(description="output folder (local path or s3:// URI)")
     cache_dir: str = Field(
-        "~/.cache/medpruner", description="where tiny models and synthetic datasets are built"
+        DEFAULT_CACHE_DIR, description="where tiny models and synthetic datasets are built"
     )
     storage: StorageOptions | None = Field(None, description="object-store options for output")
     dataset: DatasetConfig
@@ -219,25 +254,45 @@ class EvalConfig(_Strict):
         """``cache_dir`` with ``~`` and environment variables expanded (local paths only)."""
         if "://" in self.cache_dir:
             return self.cache_dir
-        return str(Path(os.path.expandvars(self.cache_dir)).expanduser())
+        return str(cache_path(self.cache_dir))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/flow) to a nested dict.
+def _parse_value(key: str, raw: Any) -> Any:
+    """Command-line values arrive as text: parse them as YAML scalars / flow collections."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
 
-    Integer path parts index lists (``methods.1.tau=0.5``). Raises ConfigError for a malformed
-    override or an index out of range.
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. output=/tmp/run)")
+    return key.strip(), raw
+
+
+def apply_overrides(data: dict[str, Any],
+                    overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides to a nested dict, in place, and return it.
+
+    ``overrides`` is a list of ``a.b.c=value`` strings (command line) or a mapping of dotted
+    keys to values (Ray Serve builder ``args``). Text values are parsed as YAML scalars or flow
+    collections; integer path parts index lists (``methods.1.tau=0.5``); a mapping value is
+    merged into an existing mapping.
+
+    Raises:
+        ConfigError: a malformed override, a path through a non-mapping or an index out of range.
     """
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. output=/tmp/run)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    items = (overrides.items() if isinstance(overrides, Mapping)
+             else (_split_override(item) for item in overrides))
+    for key, raw in items:
+        key = str(key).strip()
+        value = _parse_value(key, raw)
         node: Any = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
             where = ".".join(parts[: depth + 1])
@@ -250,7 +305,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a mapping")
             if last:
-                node[index] = value
+                if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(index), dict):
+                    node[index].update(value)
+                else:
+                    node[index] = value
             else:
                 if isinstance(node, dict) and not isinstance(node.get(index), dict | list):
                     node[index] = {}
@@ -258,15 +316,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: ``field.path: message (got value)``, joined with '; '."""
+def format_validation_error(error: ValidationError, *, root: str = "config",
+                            show_input: bool = True) -> str:
+    """One line per problem, ``field.path: message (got value)``, joined with '; '.
+
+    A method's ``pruning`` level is left out of paths (``methods.0.tau``: methods are written
+    flat); ``root`` names a problem without a path.
+    """
     problems = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"] if p != "pruning")
+        parts = [str(p) for n, p in enumerate(item["loc"])
+                 if not (p == "pruning" and n and isinstance(item["loc"][n - 1], int))]
         got = item.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        shown = ("" if not show_input or isinstance(got, dict | list) or got is None
+                 else f" (got {got!r})")
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{loc or 'config'}: {message}{shown}")
+        problems.append(f"{'.'.join(parts) or root}: {message}{shown}")
     return "; ".join(problems)
 
 
@@ -297,3 +362,4 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
     return parse_config(apply_overrides(data, list(overrides or [])))
+

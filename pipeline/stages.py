@@ -7,7 +7,7 @@ string column ``error`` says what went wrong; rows that arrive with an error pas
 The same classes run inside Ray Data actor pools (``pipeline.graph``) and Ray Serve replicas.
 
 - ``LoadStage`` (CPU): fetch + decode the volume, window + resize it with the model's slice
-  recipe, run the slice-level selection (IAF); emits only the kept slices, uint8.
+  recipe, run the method's slice rule (IAF, ...) once; emits only the slices to encode, uint8.
 - ``InferStage`` (GPU or CPU): the model, loaded once; token selection, merge and generation.
 - ``ScoreStage`` (CPU): the paper's metrics per row.
 """
@@ -16,64 +16,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from pipeline.io.storage import StorageOptions
-from pruning import PruningConfig
+from pruning.methods import PruningConfig, SlicePlan
+from pruning.runtime.checkpoints import resolve_checkpoint
+from pruning.runtime.vlm import MODEL_TIMING_KEYS
 
 Batch = dict[str, np.ndarray]
+# The ``pruning`` column holds a method's name (a key of the stage's ``methods``) or, in Serve,
+# the request's own config object.
+MethodRef = str | PruningConfig
 
-DEFAULT_CACHE_DIR = "~/.cache/medpruner"
-TIMING_KEYS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
 METRIC_COLUMNS = ("correct", "bleu1", "bleu4", "rouge1", "rougeL", "meteor")
 
 
-PHANTOM_MODEL = "phantom"
-PHANTOM_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "phantom-qwen2_5_vl"
-
-
 def resolve_model(model: str, cache_dir: str | None = None) -> str:
-    """Turn a model spec into a loadable path.
-
-    ``tiny:<family>`` (or ``tiny:<family>:bench`` for the larger benchmark size) builds, once
-    per machine and atomically, an offline checkpoint with ``pruning.testing.make_tiny_vlm``
-    under ``<cache_dir>/models/``; it is deterministic, so every node builds the same one.
-    ``phantom`` is the small Qwen2.5-VL trained on the phantom benchmark, committed in the
-    repository (``models/phantom-qwen2_5_vl``). Every other spec is returned unchanged (a local
-    folder or an id ``load_vlm`` understands).
-    """
-    if model == PHANTOM_MODEL:
-        return str(PHANTOM_CHECKPOINT)
-    if not model.startswith("tiny:"):
-        return model
-    family, _, size = model.removeprefix("tiny:").partition(":")
-    size = size or "tiny"
-    root = Path(os.path.expandvars(cache_dir or DEFAULT_CACHE_DIR)).expanduser() / "models"
-    target = root / (f"tiny-{family}" if size == "tiny" else f"tiny-{family}-{size}")
-    if (target / "config.json").exists():
-        return str(target)
-    from pruning.testing import make_tiny_vlm
-
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=root))
-    try:
-        make_tiny_vlm(family, scratch / "model", size=size)
-        try:
-            os.rename(scratch / "model", target)  # atomic: concurrent builders race harmlessly
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return str(target)
+    """The checkpoint folder of a model spec, as a string (see
+    :func:`pruning.runtime.checkpoints.resolve_checkpoint`; ``tiny:`` specs are built once)."""
+    return str(resolve_checkpoint(model, cache_dir=cache_dir))
 
 
 def check_columns(batch: Batch, required: Iterable[str], stage: str) -> int:
@@ -110,14 +75,44 @@ def _str(value: Any) -> str:
     return "" if value is None else (value.decode() if isinstance(value, bytes) else str(value))
 
 
+class _Methods:
+    """Resolves a row's ``pruning`` reference: a method name or a config object."""
+
+    def __init__(self, methods: Mapping[str, PruningConfig] | None) -> None:
+        self.by_name = dict(methods or {})
+
+    def __call__(self, ref: Any) -> PruningConfig:
+        if isinstance(ref, PruningConfig):
+            return ref
+        name = _str(ref)
+        if name not in self.by_name:
+            raise ValueError(f"unknown method {name!r}; this stage knows "
+                             f"{sorted(self.by_name) or 'none (pass methods=...)'}")
+        return self.by_name[name]
+
+
 class LoadStage:
-    """CPU stage: volume -> kept slices (uint8 at model resolution) + IAF stats.
+    """CPU stage: volume -> the slices to encode (uint8 at model resolution) and the plan.
+
+    The one slice stage: each row's method (its ``pruning`` reference) decides here, once,
+    which slices the model encodes (``slice_indices``, original numbers), and under the
+    ``reference`` profile which of them IAF kept (``iaf_kept``). The model stage never decides
+    slices again.
 
     Args:
-        model: model path/id or ``tiny:<family>``; only its slice recipe is read (no weights).
+        model: a model spec (folder, cached hub id, ``phantom``, ``tiny:<family>``); only its
+            slice recipe is read (no weights).
+        methods: method name -> config, for rows that reference a method by name.
         storage: object-store options for ``volume_uri``.
         max_volume_bytes: refuse larger volumes (an error row, not a crash).
         cache_dir: where ``tiny:`` models are built.
+        limits: decoding limits (``pipeline.io.limits.DecodeLimits`` or its fields; None: the
+            defaults), for inline bytes and URIs alike.
+        transient_retries, retry_backoff_s: retries (exponential backoff) of a volume read
+            that failed transiently (storage outage); the row's ``error_kind`` then says
+            ``transient`` (other failures: ``permanent``).
+        slice_size: force one resize for every volume (default: each volume's own size, as
+            the checkpoint's processor resizes it).
     """
 
     required_columns = ("id", "volume_uri", "volume_format", "pruning")
@@ -129,72 +124,86 @@ class LoadStage:
         storage: StorageOptions | dict | None = None,
         max_volume_bytes: int = 2 * 1024**3,
         cache_dir: str | None = None,
+        methods: Mapping[str, PruningConfig] | None = None,
+        slice_size: tuple[int, int] | None = None,
+        limits: Any = None,
+        transient_retries: int = 3,
+        retry_backoff_s: float = 1.0,
     ) -> None:
+        from pipeline.io.limits import as_limits
         from pruning.runtime.recipe import load_recipe
 
-        self.recipe = load_recipe(resolve_model(model, cache_dir))
+        self.limits = as_limits(limits)
+        self.transient_retries, self.retry_backoff_s = transient_retries, retry_backoff_s
+        self.recipe = load_recipe(model, cache_dir=cache_dir, slice_size=slice_size)
         self.storage = StorageOptions.model_validate(storage) if isinstance(storage, dict) else storage
         self.max_volume_bytes = max_volume_bytes
-        self._configs: dict[str, PruningConfig] = {}
-
-    def _config(self, pruning_json: str) -> PruningConfig:
-        if pruning_json not in self._configs:
-            self._configs[pruning_json] = PruningConfig.model_validate_json(pruning_json or "{}")
-        return self._configs[pruning_json]
+        self.methods = _Methods(methods)
 
     def _volume(self, batch: Batch, i: int) -> Any:
+        from pipeline.io.storage import call_with_retries
         from pipeline.io.volumes import decode_volume, load_volume
 
         fmt = _str(batch["volume_format"][i]) or None
         inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
         if inline is not None and len(inline) > 0:
-            if len(inline) > self.max_volume_bytes:
-                raise ValueError(f"volume of {len(inline)} bytes exceeds {self.max_volume_bytes}")
-            return decode_volume(bytes(inline), fmt, source=_str(batch["id"][i]))
-        return load_volume(
-            _str(batch["volume_uri"][i]), format=fmt, storage=self.storage,
-            max_bytes=self.max_volume_bytes,
-        )
+            return decode_volume(bytes(inline), fmt or "", source=_str(batch["id"][i]),
+                                 max_bytes=self.max_volume_bytes, limits=self.limits)
+        return call_with_retries(
+            lambda: load_volume(_str(batch["volume_uri"][i]), format=fmt, storage=self.storage,
+                                max_bytes=self.max_volume_bytes, limits=self.limits),
+            retries=self.transient_retries, backoff_s=self.retry_backoff_s)
 
-    def _load_row(self, batch: Batch, i: int) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    def _load_row(self, batch: Batch, i: int) -> tuple[np.ndarray, SlicePlan, float, float]:
+        config = self.methods(batch["pruning"][i])
         t0 = time.perf_counter()
         volume = self._volume(batch, i)
         slices = self.recipe.prepare(volume.array, volume.modality)  # (D, h, w, 3) uint8
         t1 = time.perf_counter()
-        keep = np.asarray(self.recipe.select_slices(slices, self._config(_str(batch["pruning"][i]))),
-                          dtype=np.int64)
-        kept = np.ascontiguousarray(slices[keep])  # (k, h, w, 3) uint8
-        return kept, keep, int(slices.shape[0]), t1 - t0, time.perf_counter() - t1
+        plan = config.slice_plan(slices)
+        kept = np.ascontiguousarray(slices[plan.encode])  # (n, h, w, 3) uint8
+        return kept, plan, t1 - t0, time.perf_counter() - t1
 
     def __call__(self, batch: Batch) -> Batch:
+        from pipeline.io.storage import is_transient
+
         n = check_columns(batch, self.required_columns, "LoadStage")
         errors = _incoming_errors(batch, n)
-        h, w = self.recipe.size
-        empty = np.zeros((0, h, w, 3), dtype=np.uint8)
-        slices, indices = [empty] * n, [np.zeros(0, dtype=np.int64)] * n
+        kinds = [_str(k) for k in batch["error_kind"]] if "error_kind" in batch else \
+            ["permanent" if e else "" for e in errors]
+        slices = [np.zeros((0, 0, 0, 3), dtype=np.uint8)] * n
+        indices, iaf_kept = [np.zeros(0, dtype=np.int64)] * n, [np.zeros(0, dtype=bool)] * n
         totals, t_load, t_iaf = np.zeros(n, np.int64), np.full(n, np.nan), np.full(n, np.nan)
         for i in range(n):
             if errors[i]:
                 continue
             try:
-                slices[i], indices[i], totals[i], t_load[i], t_iaf[i] = self._load_row(batch, i)
+                slices[i], plan, t_load[i], t_iaf[i] = self._load_row(batch, i)
             except Exception as exc:  # a bad sample becomes an error row
                 errors[i] = f"load: {_describe(exc)}"
+                kinds[i] = "transient" if is_transient(exc) else "permanent"
+                continue
+            indices[i], totals[i] = plan.encode, plan.total
+            if plan.iaf_kept is not None:
+                iaf_kept[i] = plan.iaf_kept
         out = {k: v for k, v in batch.items() if k != "volume_bytes"}
         out.update(
             slices=_object_array(slices), slice_indices=_object_array(indices),
-            slices_total=totals, t_load_s=t_load, t_iaf_s=t_iaf, error=np.asarray(errors, dtype=object),
+            iaf_kept=_object_array(iaf_kept), slices_total=totals, t_load_s=t_load,
+            t_iaf_s=t_iaf, error=np.asarray(errors, dtype=object),
+            error_kind=np.asarray(kinds, dtype=object),
         )
         return out
 
 
 class InferStage:
-    """Model stage: kept slices + prompt -> prediction, pruning stats and timings.
+    """Model stage: planned slices + prompt -> prediction, pruning stats and timings.
 
-    Rows are grouped by their pruning config and generated together with
-    ``VLM.generate_batch``; if a group fails, its rows are retried one by one so a single bad
-    sample only costs its own row. The bulky ``slices`` column is dropped from the output
-    unless ``keep_slices`` is set.
+    Rows are grouped by their method and generated together with ``VLM.generate_batch`` on
+    the slice plans the load stage made (``slice_indices``, ``slices_total``, ``iaf_kept``);
+    if a group fails, its rows are retried one by one so a single bad sample only costs its
+    own row. A row's ``max_new_tokens`` column, when present, overrides the stage default.
+    The bulky ``slices`` column is dropped from the output unless ``keep_slices`` is set.
     """
 
     required_columns = ("id", "prompt", "pruning", "slices", "slice_indices", "slices_total")
@@ -208,34 +217,50 @@ class InferStage:
         max_new_tokens: int = 64,
         cache_dir: str | None = None,
         keep_slices: bool = False,
+        methods: Mapping[str, PruningConfig] | None = None,
+        slice_size: tuple[int, int] | None = None,
     ) -> None:
         from pruning.runtime.vlm import load_vlm
 
-        self.vlm = load_vlm(resolve_model(model, cache_dir), device=device, dtype=dtype)
+        self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
+                            slice_size=slice_size)
         self.max_new_tokens = max_new_tokens
         self.keep_slices = keep_slices
+        self.methods = _Methods(methods)
 
-    def _generate(self, batch: Batch, rows: list[int], config: PruningConfig) -> list[Any]:
+    @staticmethod
+    def _plan(batch: Batch, i: int) -> SlicePlan:
+        mask = batch["iaf_kept"][i] if "iaf_kept" in batch else None
+        mask = None if mask is None or len(mask) == 0 else np.asarray(mask, dtype=bool)
+        return SlicePlan(encode=np.asarray(batch["slice_indices"][i], dtype=np.int64),
+                         total=int(batch["slices_total"][i]), iaf_kept=mask)
+
+    def _generate(self, batch: Batch, rows: list[int], config: PruningConfig,
+                  max_new_tokens: int) -> list[Any]:
         """Generations (or the exception of that row) for ``rows`` under one config."""
-        volumes = [np.asarray(batch["slices"][i]) for i in rows]  # each (k, h, w, 3) uint8
+        volumes = [np.asarray(batch["slices"][i]) for i in rows]  # each (n, h, w, 3) uint8
         prompts = [_str(batch["prompt"][i]) for i in rows]
-        indices = [np.asarray(batch["slice_indices"][i], dtype=np.int64) for i in rows]
-        totals = [int(batch["slices_total"][i]) for i in rows]
-        kwargs = {"pruning": config, "max_new_tokens": self.max_new_tokens}
+        kwargs = {"pruning": config, "max_new_tokens": max_new_tokens}
         try:
-            return list(self.vlm.generate_batch(
-                volumes, prompts, slice_indices=indices, slices_total=totals, **kwargs))
+            plans = [self._plan(batch, i) for i in rows]
+            return list(self.vlm.generate_batch(volumes, prompts, plans=plans, **kwargs))
         except Exception:
             if len(rows) == 1:
                 raise
         results: list[Any] = []
-        for volume, prompt, index, total in zip(volumes, prompts, indices, totals, strict=True):
+        for i, volume, prompt in zip(rows, volumes, prompts, strict=True):
             try:
-                results.append(self.vlm.generate(
-                    volume, prompt, slice_indices=index, slices_total=total, **kwargs))
+                results.append(self.vlm.generate(volume, prompt, plan=self._plan(batch, i),
+                                                 **kwargs))
             except Exception as exc:
                 results.append(exc)
         return results
+
+    def _budget(self, batch: Batch, i: int) -> int:
+        if "max_new_tokens" not in batch:
+            return self.max_new_tokens
+        value = batch["max_new_tokens"][i]
+        return self.max_new_tokens if value is None or int(value) <= 0 else int(value)
 
     def __call__(self, batch: Batch) -> Batch:
         n = check_columns(batch, self.required_columns, "InferStage")
@@ -244,15 +269,25 @@ class InferStage:
         kept_tokens, kept_slices = ["[]"] * n, ["[]"] * n
         counts = {c: np.zeros(n, np.int64) for c in
                   ("slices_kept", "tokens_total", "tokens_after_iaf", "tokens_kept")}
-        floats = {c: np.full(n, np.nan) for c in ("r_rate", *TIMING_KEYS, "t_total_s")}
-        groups: dict[str, list[int]] = {}
+        floats = {c: np.full(n, np.nan) for c in ("r_rate", *MODEL_TIMING_KEYS, "t_total_s")}
+        # Rows of equal configs (requests of one Serve batch carry their own copies) and equal
+        # budgets are generated together.
+        groups: dict[tuple[str, int], list[int]] = {}
+        configs: dict[str, PruningConfig] = {}
         for i in range(n):
-            if not errors[i]:
-                groups.setdefault(_str(batch["pruning"][i]), []).append(i)
-        for pruning_json, rows in groups.items():
+            if errors[i]:
+                continue
             try:
-                config = PruningConfig.model_validate_json(pruning_json or "{}")
-                results = self._generate(batch, rows, config)
+                config = self.methods(batch["pruning"][i])
+            except Exception as exc:
+                errors[i] = f"infer: {_describe(exc)}"
+                continue
+            key = config.model_dump_json()
+            configs[key] = config
+            groups.setdefault((key, self._budget(batch, i)), []).append(i)
+        for (key, budget), rows in groups.items():
+            try:
+                results = self._generate(batch, rows, configs[key], budget)
             except Exception as exc:
                 results = [exc] * len(rows)
             for i, gen in zip(rows, results, strict=True):
@@ -264,14 +299,15 @@ class InferStage:
                 counts["slices_kept"][i], counts["tokens_total"][i] = stats.slices_kept, stats.tokens_total
                 counts["tokens_after_iaf"][i], counts["tokens_kept"][i] = stats.tokens_after_iaf, stats.tokens_kept
                 floats["r_rate"][i] = stats.r_rate
-                for key in TIMING_KEYS:
-                    floats[key][i] = float(gen.timings.get(key, math.nan))
+                for key_ in MODEL_TIMING_KEYS:
+                    floats[key_][i] = float(gen.timings.get(key_, math.nan))
                 kept_tokens[i] = json.dumps(gen.kept_tokens, separators=(",", ":"))
                 kept_slices[i] = json.dumps([int(s) for s in gen.kept_slices])
         earlier = sum(np.nan_to_num(np.asarray(batch[c], float)) for c in ("t_load_s", "t_iaf_s") if c in batch)
-        floats["t_total_s"] = earlier + sum(np.nan_to_num(floats[k]) for k in TIMING_KEYS)
+        floats["t_total_s"] = earlier + sum(np.nan_to_num(floats[k]) for k in MODEL_TIMING_KEYS)
         floats["t_total_s"][[bool(e) for e in errors]] = np.nan
-        out = {k: v for k, v in batch.items() if self.keep_slices or k != "slices"}
+        drop = set() if self.keep_slices else {"slices", "iaf_kept"}
+        out = {k: v for k, v in batch.items() if k not in drop}
         out.update(counts)
         out.update(floats)
         out.update(

@@ -8,11 +8,15 @@ The pure method (no Ray, no transformers, no I/O) is imported eagerly:
   :func:`random_select`
 - patch-to-token maps: :func:`group_mean`, :func:`pool_grid`, :func:`strip_mean`
 - accounting: :class:`PruneStats`, :func:`aggregate_rates`
-- configuration: :class:`PruningConfig`, :func:`default_temperature`
+- methods: :func:`list_methods`, :func:`get_method` and :class:`PruningConfig`, one module
+  per method in :mod:`pruning.methods` (its parameters, slice rule and token rule)
 - CT windowing: :func:`apply_window`, :func:`pack_three_windows`, ...
 
-The model side (:func:`load_vlm`, :class:`VLM`, adapters, recipes, tiny test models) needs
-transformers and is imported lazily on first attribute access, so ``import pruning`` stays light.
+Layout: :mod:`pruning.ops` (pure operations), :mod:`pruning.methods` (one module per method),
+:mod:`pruning.runtime` (checkpoints, recipes, adapters, generation). The runtime
+(:func:`load_vlm`, :class:`VLM`, adapters, recipes) needs transformers and is imported lazily on
+first attribute access, so ``import pruning`` stays light. Tiny test checkpoints live in
+:mod:`pruning.testing`, off the runtime path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pruning.methods.config import FAMILY_TEMPERATURES, PruningConfig, default_temperature
+from pruning.methods import (
+    FAMILY_TEMPERATURES,
+    PruningConfig,
+    default_temperature,
+    get_method,
+    list_methods,
+)
 from pruning.ops.accounting import PruneStats, aggregate_rates
 from pruning.ops.attention import attention_received
 from pruning.ops.baselines import hiprune_select, hulu_l1_keep, random_select, visionzip_select
@@ -47,7 +57,6 @@ _LAZY = {
     "load_recipe": "pruning.runtime.recipe",
     "create_adapter": "pruning.runtime.adapters",
     "list_adapters": "pruning.runtime.adapters",
-    "make_tiny_vlm": "pruning.testing",
 }
 
 __all__ = [
@@ -63,9 +72,11 @@ __all__ = [
     "attention_received",
     "count_contextual",
     "default_temperature",
+    "get_method",
     "group_mean",
     "hiprune_select",
     "hulu_l1_keep",
+    "list_methods",
     "merge_contextual",
     "nucleus_mask",
     "nucleus_select",

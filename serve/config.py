@@ -16,20 +16,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
-from pipeline.config import ConfigError, StageResources
+from pipeline.config import (
+    ConfigError,
+    StageResources,
+    StrictModel,
+    apply_overrides,
+    format_validation_error,
+)
+from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
-from pruning import PruningConfig
+from pruning.methods import PruningConfig, PruningField
+from pruning.runtime.checkpoints import DEFAULT_CACHE_DIR, PHANTOM_MODEL, TINY_PREFIX
 
 MiB = 1024 * 1024
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DeploymentOptions(_Strict):
+class DeploymentOptions(StrictModel):
     """One deployment: its resources/replicas (shared spec) plus Serve's queueing knobs.
 
     ``resources.min_actors == max_actors`` gives a fixed replica count; otherwise Serve
@@ -46,7 +50,7 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float = Field(10.0, gt=0, description="replica health check interval")
 
 
-class BatchingOptions(_Strict):
+class BatchingOptions(StrictModel):
     """``@serve.batch`` on the model deployment; the batch size is ``resources.batch_size``."""
 
     enabled: bool = Field(True, description="gather concurrent requests into one generate call")
@@ -67,19 +71,31 @@ class InferDeploymentOptions(DeploymentOptions):
         return self
 
 
-class Limits(_Strict):
-    """Sizes a request may have; larger ones are refused with 413 (or 422 for text)."""
+class Limits(DecodeLimits):
+    """Sizes a request may have; larger ones are refused with 413 (or 422 for text).
+
+    The decoding limits (``max_decoded_bytes``, ``max_slices``, ``max_slice_pixels``,
+    ``max_decode_s``) are those of ``pipeline.io.limits.DecodeLimits``, the object the
+    evaluation job configures as ``run.limits``; they are checked on declared sizes before
+    decoding, for inline, uploaded and URI volumes alike.
+    """
 
     max_body_bytes: int = Field(96 * MiB, ge=1024, description="HTTP body (JSON or multipart)")
     max_volume_bytes: int = Field(64 * MiB, ge=1024, description="volume file bytes (inline, "
                                   "uploaded, or fetched by URI)")
-    max_slices: int = Field(1024, ge=1, description="slices (depth) of a decoded volume")
     max_side: int = Field(1024, ge=8, description="height/width of a decoded slice, pixels")
     max_question_chars: int = Field(8000, ge=1, description="question text length")
+    max_prompt_chars: int = Field(12000, ge=1, description="question + choices + system text "
+                                  "(the whole prompt), characters; 413 beyond it")
+    max_json_depth: int = Field(32, ge=4, description="nesting depth of a JSON body; 400 beyond")
     max_new_tokens: int = Field(512, ge=1, description="upper bound of a request's budget")
 
+    def decode_limits(self) -> DecodeLimits:
+        """The decoding limits alone (what ``pipeline.stages.LoadStage`` takes)."""
+        return DecodeLimits(**{name: getattr(self, name) for name in DecodeLimits.model_fields})
 
-class Access(_Strict):
+
+class Access(StrictModel):
     """What the service may read and who may call it."""
 
     local_roots: list[str] = Field(default_factory=list, description="directories whose files "
@@ -113,18 +129,22 @@ def _default_infer() -> InferDeploymentOptions:
                                   max_ongoing_requests=8, max_queued_requests=64)
 
 
-class ServeAppConfig(_Strict):
+class ServeAppConfig(StrictModel):
     """The serving application: model, default pruning, deployments, limits, access."""
 
-    model: str = Field("tiny:qwen2_5_vl", description="checkpoint folder, HF id in the local "
-                       "cache, or 'tiny:<family>' (a tiny offline model built in cache_dir)")
+    model: str = Field(PHANTOM_MODEL, description="checkpoint folder, HF id in the local "
+                       "cache, 'phantom' (the committed phantom-CT model) or 'tiny:<family>' (a "
+                       "tiny random model of the real architecture, built in cache_dir)")
     served_model_name: str | None = Field(None, description="name in /v1/models and responses "
                                           "(default: derived from model)")
-    cache_dir: str = Field("~/.cache/medpruner", description="where tiny models are built")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, description="where tiny models are built")
     device: str | None = Field(None, description="torch device (None: cuda when available)")
     dtype: str | None = Field(None, description="torch dtype name (None: model default)")
-    pruning: PruningConfig = Field(default_factory=PruningConfig,
-                                   description="default pruning; requests override fields")
+    pruning: PruningField = Field(default_factory=PruningConfig,
+                                  description="default pruning; requests override fields")
+    slice_size: tuple[int, int] | None = Field(
+        None, description="(height, width): resize every volume as the processor would a slice "
+        "of this size (None: each volume from its own size, as the processor does)")
     max_new_tokens: int = Field(64, ge=1, description="default generation budget")
     request_timeout_s: float = Field(120.0, gt=0, description="end-to-end budget of one "
                                      "request inside the app (504 after it)")
@@ -148,54 +168,9 @@ class ServeAppConfig(_Strict):
         """The public model name (``served_model_name`` or the checkpoint's folder name)."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model.startswith("tiny:"):
+        if self.model.startswith(TINY_PREFIX) or self.model == PHANTOM_MODEL:
             return "medpruner-" + self.model.replace(":", "-")
         return Path(self.model.rstrip("/")).name or self.model
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """``field.path: message (got value)`` per problem, joined with '; ' (full paths kept)."""
-    problems = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "config"
-        got = item.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        problems.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}{shown}")
-    return "; ".join(problems)
-
-
-def _parse_flat_value(value: Any) -> Any:
-    """CLI values arrive as strings: parse lists/maps/null; leave scalars to pydantic."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text in ("null", "None", "~"):
-        return None
-    if text[:1] in ("[", "{"):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError:
-            return value
-    return value
-
-
-def expand_args(args: dict[str, Any]) -> dict[str, Any]:
-    """``{"pruning.tau": "0.8"}`` -> ``{"pruning": {"tau": "0.8"}}`` (dotted keys nest)."""
-    out: dict[str, Any] = {}
-    for key, value in (args or {}).items():
-        node = out
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"argument {key}: {part} is not a mapping")
-            node = child
-        value = _parse_flat_value(value)
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]].update(value)
-        else:
-            node[parts[-1]] = value
-    return out
 
 
 def parse_app_args(args: dict[str, Any] | None) -> ServeAppConfig:
@@ -207,14 +182,14 @@ def parse_app_args(args: dict[str, Any] | None) -> ServeAppConfig:
     if args is not None and not isinstance(args, dict):
         raise ConfigError(f"serve app args must be a mapping, got {type(args).__name__}")
     try:
-        return ServeAppConfig.model_validate(expand_args(args or {}))
+        return ServeAppConfig.model_validate(apply_overrides({}, args or {}))
     except ValidationError as exc:
         raise ConfigError(f"invalid serve app args: {format_validation_error(exc)}") from None
 
 
 # --- serve config YAML (serve run / serve deploy) -----------------------------------------
 
-class HttpOptionsSpec(_Strict):
+class HttpOptionsSpec(StrictModel):
     """Serve's ``http_options`` (subset we allow)."""
 
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only behind a firewall")
@@ -224,7 +199,7 @@ class HttpOptionsSpec(_Strict):
     keep_alive_timeout_s: int | None = Field(None, ge=1)
 
 
-class LoggingSpec(_Strict):
+class LoggingSpec(StrictModel):
     """Serve's ``logging_config`` (subset we allow)."""
 
     encoding: Literal["TEXT", "JSON"] | None = None
@@ -233,7 +208,7 @@ class LoggingSpec(_Strict):
     enable_access_log: bool | None = None
 
 
-class ApplicationSpec(_Strict):
+class ApplicationSpec(StrictModel):
     """One application of the serve config; ``args`` are ``ServeAppConfig`` fields."""
 
     name: str = Field(..., min_length=1)
@@ -251,7 +226,7 @@ class ApplicationSpec(_Strict):
         return self
 
 
-class ServeConfigFile(_Strict):
+class ServeConfigFile(StrictModel):
     """A serve config YAML for ``serve run`` / ``serve deploy``, validated strictly."""
 
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"

@@ -25,6 +25,7 @@ from pipeline.synthetic.phantom_vqa import (
     lesion_slices,
     lesion_token_positions,
 )
+from pruning.methods import SlicePlan
 
 DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
 
@@ -111,7 +112,8 @@ def run_method(vlm, items, prepared, pruning, stage, batch: int) -> dict:
 
     hits = {q: [] for q in QUESTION_TYPES}
     stats, les_slices, les_tokens, les_any = [], [0, 0], [0, 0], [0, 0]
-    grid = tuple(vlm.recipe.token_grid)
+    side = prepared[0].shape[1]
+    grid = vlm.recipe.token_grid((side, prepared[0].shape[2]))
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk, vols = items[i : i + batch], prepared[i : i + batch]
@@ -119,10 +121,9 @@ def run_method(vlm, items, prepared, pruning, stage, batch: int) -> dict:
         if stage is None:
             gens = vlm.generate_batch(vols, prompts, pruning=pruning, max_new_tokens=3)
         else:
-            kept = [stage(v) for v in vols]
-            gens = vlm.generate_batch([v[k] for v, k in zip(vols, kept, strict=True)], prompts, pruning=pruning,
-                                      max_new_tokens=3, slice_indices=kept,
-                                      slices_total=[len(v) for v in vols])
+            plans = [SlicePlan(encode=stage(v), total=len(v)) for v in vols]
+            gens = vlm.generate_batch([v[p.encode] for v, p in zip(vols, plans, strict=True)],
+                                      prompts, pruning=pruning, max_new_tokens=3, plans=plans)
         for ex, gen in zip(chunk, gens, strict=True):
             hits[ex.qtype].append(score_sample(gen.text, ex.answer, "closed")["correct"])
             stats.append(gen.stats)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every method on the held-out phantoms and print the table."""
     import torch
 
-    from pruning.methods.config import PruningConfig
+    from pruning.methods import PruningConfig
     from pruning.runtime.vlm import load_vlm
 
     args = parse_args(argv)

@@ -1,16 +1,18 @@
 """Slice recipe: how one 3D volume becomes model-resolution RGB slices, and which slices stay.
 
 A :class:`SliceRecipe` is small, picklable and torch-free, so the CPU side of a pipeline can
-window, resize and run the slice-level selection (IAF) before anything reaches the GPU. It is
+window and resize slices (and a method then choose among them) before anything reaches the GPU. It is
 derived from a checkpoint's JSON files only (:func:`load_recipe`), never its weights.
 
 Defaults, documented once here:
 - CT in Hounsfield units is shown through the ``soft_tissue`` window (W400 / L40); MedGemma's
   three-window RGB packing (``rgb_packing=True``) is available for any family.
 - uint8 input is taken as already windowed; other modalities (MR, ...) are min-max scaled.
-- Slices are resized to the model's input size with the image processor's own resampling
-  filter (Qwen: the processor's ``smart_resize`` of a 512 x 512 source; Gemma3: its fixed size),
-  so the HF image processor would leave them unchanged.
+- Each volume's slices are resized from their own size by the checkpoint processor's rule and
+  resampling filter (Qwen: ``smart_resize`` with the processor's min / max pixels; Gemma3: its
+  fixed size), so token counts equal what the HF processor gives for those slices.
+  ``slice_size`` forces one size for every volume instead (uniform batches): slices are then
+  resized as the processor would resize a slice of that size.
 - ``gamma`` refers to the IAF scale of mean = std = 0.5, i.e. values in [-1, 1]
   (:meth:`SliceRecipe.iaf_input`), whatever the model's own normalisation.
 """
@@ -27,6 +29,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pruning.ops.windowing import apply_named_window, pack_three_windows, to_uint8_minmax
+from pruning.runtime.adapters import family_for_config
+from pruning.runtime.checkpoints import resolve_checkpoint
 
 MODALITIES = ("CT", "MR", "MRI", "PT", "US", "XR", "OTHER")
 
@@ -37,15 +41,43 @@ class SliceRecipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     family: str = Field(description="adapter family, e.g. 'qwen2_5_vl'")
-    size: tuple[int, int] = Field(description="model input (height, width) in pixels")
+    fixed_size: tuple[int, int] | None = Field(
+        None, description="model input (height, width) for every slice (Gemma3's processor "
+        "size); None: from each volume's own slice size by the Qwen resize rule")
+    slice_size: tuple[int, int] | None = Field(
+        None, description="resize every volume as the processor would a slice of this "
+        "(height, width) (uniform batches); None: each volume's own size")
+    patch_factor: int = Field(28, ge=1, description="Qwen: patch size x merge size")
+    min_pixels: int = Field(56 * 56, ge=1, description="Qwen: smallest slice area in pixels")
+    max_pixels: int = Field(28 * 28 * 1280, ge=1, description="Qwen: largest slice area")
+    fixed_grid: tuple[int, int] | None = Field(
+        None, description="LLM tokens per slice as rows x cols when fixed (Gemma3)")
     image_mean: tuple[float, float, float] = Field(description="processor mean per channel")
     image_std: tuple[float, float, float] = Field(description="processor std per channel")
     rescale_factor: float = Field(default=1 / 255, description="uint8 -> [0, 1] factor")
     resample: int = Field(default=3, description="PIL resampling filter (3 bicubic, 2 bilinear)")
     window: str = Field(default="soft_tissue", description="CT window for HU volumes")
     rgb_packing: bool = Field(default=False, description="MedGemma three-window RGB packing")
-    tokens_per_slice: int = Field(description="LLM visual tokens per slice")
-    token_grid: tuple[int, int] = Field(description="LLM tokens per slice as rows x cols")
+
+    # ----------------------------------------------------------------- geometry
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """Model input (h, w) for slices of ``height`` x ``width`` pixels."""
+        if self.fixed_size is not None:
+            return self.fixed_size
+        if self.slice_size is not None:
+            height, width = self.slice_size
+        return smart_resize(height, width, self.patch_factor, self.min_pixels, self.max_pixels)
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """LLM tokens per slice as (rows, cols) for model-input slices of ``size``."""
+        if self.fixed_grid is not None:
+            return self.fixed_grid
+        return size[0] // self.patch_factor, size[1] // self.patch_factor
+
+    def tokens_per_slice(self, size: tuple[int, int]) -> int:
+        """LLM visual tokens of one model-input slice of ``size``."""
+        rows, cols = self.token_grid(size)
+        return rows * cols
 
     # ----------------------------------------------------------------- preparation
     def prepare(self, volume: np.ndarray | Sequence[np.ndarray], modality: str = "CT") -> np.ndarray:
@@ -58,7 +90,7 @@ class SliceRecipe(BaseModel):
                 anything else is min-max scaled.
 
         Returns:
-            (D, h, w, 3) uint8 with (h, w) = ``size``.
+            (D, h, w, 3) uint8 with (h, w) = :meth:`size_for` of the slices' own size.
 
         Raises:
             ValueError: wrong ndim, empty volume, non-finite values, mismatched slice sizes.
@@ -75,16 +107,17 @@ class SliceRecipe(BaseModel):
         return np.ascontiguousarray(arr)
 
     def is_prepared(self, volume: np.ndarray) -> bool:
-        """True if ``volume`` is already uint8 (D, h, w, 3) at the recipe's size."""
+        """True if ``volume`` is already uint8 (D, h, w, 3) at the size the recipe gives it."""
         return (isinstance(volume, np.ndarray) and volume.dtype == np.uint8 and volume.ndim == 4
-                and volume.shape[1:] == (*self.size, 3))
+                and volume.shape[-1] == 3
+                and tuple(volume.shape[1:3]) == self.size_for(*volume.shape[1:3]))
 
     def _resize(self, arr: np.ndarray) -> np.ndarray:
-        if arr.shape[1:3] == tuple(self.size):
+        h, w = self.size_for(int(arr.shape[1]), int(arr.shape[2]))
+        if arr.shape[1:3] == (h, w):
             return arr
         from PIL import Image
 
-        h, w = self.size
         out = np.empty((arr.shape[0], h, w, *arr.shape[3:]), dtype=np.uint8)
         for i, slc in enumerate(arr):
             out[i] = np.asarray(Image.fromarray(slc).resize((w, h), resample=self.resample))
@@ -110,42 +143,6 @@ class SliceRecipe(BaseModel):
     def iaf_input(self, slices_u8: np.ndarray) -> np.ndarray:
         """uint8 (D, h, w, 3) -> float32 (D, 3, h, w) on the [-1, 1] scale gamma refers to."""
         return _apply_lut(slices_u8, self.lut((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
-
-    # ----------------------------------------------------------------- slice selection
-    def select_slices(self, slices_u8: np.ndarray, pruning: Any) -> np.ndarray:
-        """Slice-level stage of every method: the indices (ascending, int64) to encode.
-
-        medpruner with ``use_iaf`` runs IAF on :meth:`iaf_input`; ``uniform`` takes a fixed
-        stride to ``uniform_slices`` (or ``uniform_ratio`` of the depth); every other method
-        keeps all slices. ``max_slices`` caps the result by an even subsample.
-        """
-        from pruning.ops.iaf import select_slices, uniform_slices
-
-        depth = int(slices_u8.shape[0])
-        if depth == 0:
-            raise ValueError("expected at least one slice, got an empty volume")
-        if pruning.method == "medpruner" and pruning.use_iaf:
-            # uint8 in, read through the [-1, 1] scale (2/255 per level): exact, no float copy.
-            return np.asarray(
-                select_slices(
-                    slices_u8, pruning.gamma, min_slices=pruning.min_slices,
-                    max_slices=pruning.max_slices, keep_last=pruning.keep_last,
-                    distance=pruning.iaf_distance, percentile=pruning.iaf_percentile,
-                    gamma_local=pruning.iaf_gamma_local,
-                    finding_threshold=pruning.iaf_finding_threshold, span=pruning.iaf_span,
-                    shift=pruning.iaf_shift, finding_size=pruning.iaf_finding_size,
-                ),
-                dtype=np.int64,
-            )
-        if pruning.method == "uniform":
-            budget = pruning.uniform_slices or max(1, round(depth * pruning.uniform_ratio))
-            budget = max(budget, pruning.min_slices)
-            if pruning.max_slices is not None:
-                budget = min(budget, pruning.max_slices)
-            return np.asarray(uniform_slices(depth, min(budget, depth)), dtype=np.int64)
-        if pruning.max_slices is not None and depth > pruning.max_slices:
-            return np.asarray(uniform_slices(depth, pruning.max_slices), dtype=np.int64)
-        return np.arange(depth, dtype=np.int64)
 
 
 def _apply_lut(slices_u8: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -183,26 +180,6 @@ def check_volume(volume: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- loading
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local checkpoint directory, or the cached snapshot of a hub id (never downloads).
-
-    Raises:
-        FileNotFoundError: if ``model`` is neither a directory nor in the local hub cache.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any hub error means "not available offline"
-        raise FileNotFoundError(
-            f"{model!r} is not a checkpoint directory and is not in the local Hugging Face cache "
-            "(downloads are disabled); pass a local directory"
-        ) from exc
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -215,7 +192,8 @@ def image_processor_config(ckpt: Path) -> dict[str, Any]:
     return dict(_read_json(ckpt / "processor_config.json").get("image_processor", {}))
 
 
-def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+def smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                 max_pixels: int) -> tuple[int, int]:
     """Qwen's resize rule: multiples of ``factor``, pixel count within [min, max]."""
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
@@ -234,54 +212,58 @@ def recipe_from_configs(
     config: dict[str, Any],
     proc: dict[str, Any],
     *,
-    source_size: tuple[int, int] = (512, 512),
+    slice_size: tuple[int, int] | None = None,
     window: str = "soft_tissue",
     rgb_packing: bool = False,
 ) -> SliceRecipe:
-    """Build the recipe from a checkpoint's ``config.json`` and image-processor JSON dicts."""
-    from pruning.runtime.adapters import family_for_config
+    """Build the recipe from a checkpoint's ``config.json`` and image-processor JSON dicts.
 
+    ``slice_size`` (height, width), when given, resizes every volume as the processor would
+    resize a slice of that size; by default each volume is resized from its own size.
+    """
     family = family_for_config(config)
     mean = tuple(proc.get("image_mean", (0.5, 0.5, 0.5)))
     std = tuple(proc.get("image_std", (0.5, 0.5, 0.5)))
     common = dict(family=family, image_mean=mean, image_std=std, window=window,
-                  rgb_packing=rgb_packing, rescale_factor=proc.get("rescale_factor", 1 / 255))
+                  rgb_packing=rgb_packing, rescale_factor=proc.get("rescale_factor", 1 / 255),
+                  slice_size=None if slice_size is None else tuple(slice_size))
     if family == "gemma3":
         size = proc.get("size", {"height": 896, "width": 896})
         tokens = int(config.get("mm_tokens_per_image", 256))
         side = math.isqrt(tokens)
-        return SliceRecipe(size=(size["height"], size["width"]), resample=proc.get("resample", 2),
-                           tokens_per_slice=tokens, token_grid=(side, side), **common)
+        return SliceRecipe(fixed_size=(size["height"], size["width"]), fixed_grid=(side, side),
+                           resample=proc.get("resample", 2), **common)
     vision = config.get("vision_config", {})
     patch = int(proc.get("patch_size", vision.get("patch_size", 14)))
     merge = int(proc.get("merge_size", vision.get("spatial_merge_size", 2)))
     size = proc.get("size") or {}
     min_px = int(proc.get("min_pixels") or size.get("shortest_edge", 56 * 56))
     max_px = int(proc.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280))
-    h, w = _smart_resize(source_size[0], source_size[1], patch * merge, min_px, max_px)
-    grid = (h // (patch * merge), w // (patch * merge))
-    return SliceRecipe(size=(h, w), resample=proc.get("resample", 3),
-                       tokens_per_slice=grid[0] * grid[1], token_grid=grid, **common)
+    return SliceRecipe(patch_factor=patch * merge, min_pixels=min_px, max_pixels=max_px,
+                       resample=proc.get("resample", 3), **common)
 
 
 def load_recipe(
     model_path_or_id: str | Path,
     *,
-    source_size: tuple[int, int] = (512, 512),
+    slice_size: tuple[int, int] | None = None,
     window: str = "soft_tissue",
     rgb_packing: bool = False,
+    cache_dir: str | None = None,
 ) -> SliceRecipe:
     """Read a checkpoint's config and image-processor JSON (no weights) into a recipe.
 
     Args:
-        model_path_or_id: checkpoint directory or cached hub id.
-        source_size: typical slice size the Qwen dynamic-resolution rule is applied to.
+        model_path_or_id: a model spec :func:`pruning.runtime.checkpoints.resolve_checkpoint`
+            understands (folder, cached hub id, ``phantom``, ``tiny:<family>``).
+        slice_size: force one resize for every volume (see :func:`recipe_from_configs`).
         window: CT window name (see :data:`pruning.ops.windowing.WINDOWS`).
         rgb_packing: use MedGemma's three-window RGB packing for HU input.
+        cache_dir: where ``tiny:`` checkpoints are built.
     """
-    ckpt = resolve_checkpoint(model_path_or_id)
+    ckpt = resolve_checkpoint(model_path_or_id, cache_dir=cache_dir)
     config = _read_json(ckpt / "config.json")
     if not config:
         raise FileNotFoundError(f"no config.json in checkpoint {ckpt}")
-    return recipe_from_configs(config, image_processor_config(ckpt), source_size=source_size,
+    return recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,
                                window=window, rgb_packing=rgb_packing)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pruning.methods.base import Encoded, PruningConfig, SlicePlan, TokenContext
+from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters.base import synchronize
 
 
@@ -27,9 +29,10 @@ class Sample:
     image_mask: torch.Tensor  # (L,) bool, True at visual tokens
     features: torch.Tensor  # (T, D) kept visual features in sequence order
     deepstack: list[torch.Tensor]  # each (T, D) (Qwen3-VL)
-    stats: Any  # PruneStats
+    stats: PruneStats
     kept_slices: list[int]
     kept_tokens: list[list[int]]
+    token_grid: tuple[int, int]  # LLM tokens per slice as rows x cols
 
 
 def token_pixels(vlm, slices_u8: np.ndarray) -> torch.Tensor:
@@ -38,45 +41,50 @@ def token_pixels(vlm, slices_u8: np.ndarray) -> torch.Tensor:
     channel = torch.arange(3, device=vlm.device).view(1, 3, 1, 1)
     pixels = vlm.lut[channel, slices]  # (n, 3, h, w)
     n, _, h, w = pixels.shape
-    rows, cols = vlm.recipe.token_grid
+    rows, cols = vlm.recipe.token_grid((h, w))
     blocks = pixels.view(n, 3, rows, h // rows, cols, w // cols).permute(0, 2, 4, 1, 3, 5)
     return blocks.reshape(n, rows * cols, -1)
 
 
-def render_prompt(vlm, numbers: list[int], prompt: str) -> torch.Tensor:
+def render_prompt(vlm, numbers: list[int], prompt: str, tokens_per_slice: int) -> torch.Tensor:
     """Token ids (L,) of the full prompt with every slice's K placeholders."""
     adapter, processor = vlm.adapter, vlm.processor
     messages = [{"role": "user", "content": adapter.message_content(numbers, prompt)}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text = adapter.expand_images(text, processor, vlm.recipe.tokens_per_slice)
+    text = adapter.expand_images(text, processor, tokens_per_slice)
     ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     return ids[0].to(vlm.device)
 
 
-def build_sample(vlm, plan: dict[str, Any], enc, pruning) -> tuple[Sample, float]:
-    """Select tokens of one volume and gather its pruned LM input.
+def build_sample(vlm, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: Encoded,
+                 pruning: PruningConfig) -> tuple[Sample, float]:
+    """Select tokens of one volume (the method's token rule) and gather its pruned LM input.
+
+    Args:
+        plan: which slices were encoded (``slices_u8`` holds exactly those, in order).
+        slices_u8: (n, h, w, 3) uint8 model-input slices.
+        enc: their vision-tower output.
 
     Returns the sample and the seconds spent in token selection (prompt building excluded).
     """
-    from pruning.methods.select import select_tokens
-    from pruning.ops.accounting import PruneStats
-
-    k = vlm.recipe.tokens_per_slice
-    pixels = token_pixels(vlm, plan["slices"]) if pruning.method == "hulu_l1" else None
-    iaf_kept = None if plan["iaf_kept"] is None else torch.from_numpy(plan["iaf_kept"])
+    size = (int(slices_u8.shape[1]), int(slices_u8.shape[2]))
+    grid = vlm.recipe.token_grid(size)
+    k = grid[0] * grid[1]
+    iaf_kept = None if plan.iaf_kept is None else torch.from_numpy(plan.iaf_kept)
+    ctx = TokenContext(family=vlm.family, token_grid=grid, iaf_kept=iaf_kept,
+                       token_pixels=lambda: token_pixels(vlm, slices_u8))
     synchronize(vlm.device)
     start = time.perf_counter()
-    selections = select_tokens(enc, pruning, family=vlm.family, token_grid=vlm.recipe.token_grid,
-                               token_pixels=pixels, iaf_kept=iaf_kept)
+    selections = pruning.select_tokens(enc, ctx)
     synchronize(vlm.device)
     select_seconds = time.perf_counter() - start
-    numbers = plan["numbers"]
-    ids = render_prompt(vlm, numbers, plan["prompt"])
+    numbers = [int(n) for n in plan.encode]
+    ids = render_prompt(vlm, numbers, prompt, k)
     image_mask = ids == vlm.adapter.image_token_id(vlm.model)
     if int(image_mask.sum()) != len(numbers) * k:
         raise RuntimeError(f"prompt has {int(image_mask.sum())} visual tokens, expected "
                            f"{len(numbers)} slices x {k}")
-    positions = vlm.adapter.position_ids(vlm.model, ids, image_mask, len(numbers), vlm.recipe)
+    positions = vlm.adapter.position_ids(vlm.model, ids, image_mask, len(numbers), size)
     keep = torch.ones_like(ids, dtype=torch.bool)
     blocks = torch.nonzero(image_mask, as_tuple=True)[0].view(len(numbers), k)  # (n, K)
     for block, sel in zip(blocks, selections, strict=True):
@@ -88,10 +96,9 @@ def build_sample(vlm, plan: dict[str, Any], enc, pruning) -> tuple[Sample, float
         positions = torch.arange(int(keep.sum()), device=ids.device).expand_as(positions)
     counts = [int(sel.indices.numel()) for sel in selections]
     kept = [j for j, c in enumerate(counts) if c > 0]
-    slices_kept = len(numbers) if iaf_kept is None else int(iaf_kept.sum())
     stats = PruneStats(
-        slices_total=plan["total"], slices_kept=slices_kept, tokens_total=plan["total"] * k,
-        tokens_after_iaf=slices_kept * k, tokens_kept=sum(counts),
+        slices_total=plan.total, slices_kept=plan.slices_kept, tokens_total=plan.total * k,
+        tokens_after_iaf=plan.slices_kept * k, tokens_kept=sum(counts),
         tokens_per_slice=[counts[j] for j in kept],
     )
     sample = Sample(
@@ -100,7 +107,7 @@ def build_sample(vlm, plan: dict[str, Any], enc, pruning) -> tuple[Sample, float
         deepstack=[torch.cat([sel.deepstack[j] for sel in selections])
                    for j in range(len(selections[0].deepstack))],
         stats=stats, kept_slices=[numbers[j] for j in kept],
-        kept_tokens=[selections[j].indices.tolist() for j in kept],
+        kept_tokens=[selections[j].indices.tolist() for j in kept], token_grid=grid,
     )
     return sample, select_seconds
 

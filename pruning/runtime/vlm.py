@@ -5,10 +5,12 @@ processor, picks the family adapter, and returns a :class:`VLM`. ``VLM.generate`
 volume, ``VLM.generate_batch`` several (left padding; greedy output equals one-by-one):
 
 1. recipe: window + resize to uint8 RGB slices at the model size (skipped for prepared input);
-2. slice stage (``t_iaf_s``): IAF / uniform / all, *before* the vision encoder;
+2. slice stage (``t_iaf_s``): the method's slice rule, *before* the vision encoder, unless the
+   caller ran it already and passes its :class:`~pruning.methods.SlicePlan` (the pipeline's
+   CPU stage does);
 3. vision tower on the kept slices only (``t_vision_s``), attention importance captured in
    the same pass when the method needs it (its cost is counted in ``t_select_s``);
-4. token selection per method at LLM-token granularity (``t_select_s``);
+4. the method's token rule at LLM-token granularity (``t_select_s``);
 5. the pruned sequence (text tokens all kept, placeholders of pruned tokens dropped, position
    ids of the full sequence gathered at the kept columns) goes through ``generate`` with the
    features as ``mm_encoder_outputs``. ``t_prefill_s`` runs from the ``generate`` call to the
@@ -27,18 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from pruning.methods import Capture, Encoded, PruningConfig, SlicePlan, parse_pruning
+from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters import create_adapter, family_for_config
 from pruning.runtime.adapters.base import Adapter, synchronize
+from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.recipe import (
     SliceRecipe,
     check_volume,
     image_processor_config,
     recipe_from_configs,
-    resolve_checkpoint,
 )
 from pruning.runtime.sequence import Sample, build_batch, build_sample
 
-TIMING_KEYS = ("t_iaf_s", "t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
+# Per-sample timings the model side reports, and with the slice stage's, all of them.
+MODEL_TIMING_KEYS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
+TIMING_KEYS = ("t_iaf_s", *MODEL_TIMING_KEYS)
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Generation:
     """Result of one volume: text, pruning statistics, timings and what was kept."""
 
     text: str
-    stats: Any  # pruning.ops.accounting.PruneStats
+    stats: PruneStats
     timings: dict[str, float]
     kept_slices: list[int]  # original slice numbers that contribute tokens
     kept_tokens: list[list[int]]  # per kept slice, kept LLM-token indices (raster order)
@@ -93,39 +99,37 @@ class VLM:
         self.lut = torch.from_numpy(recipe.lut()).to(self.device)  # (3, 256) float32
 
     # ------------------------------------------------------------------ public API
-    def generate(self, volume, prompt: str, *, pruning=None, max_new_tokens: int = 64,
-                 slice_indices=None, slices_total: int | None = None, modality: str = "CT",
+    def generate(self, volume, prompt: str, *, pruning: PruningConfig | dict | None = None,
+                 max_new_tokens: int = 64, plan: SlicePlan | None = None, modality: str = "CT",
                  min_new_tokens: int = 0) -> Generation:
         """Generate for one volume; see :meth:`generate_batch` for the arguments."""
         return self.generate_batch(
             [volume], [prompt], pruning=pruning, max_new_tokens=max_new_tokens,
-            slice_indices=None if slice_indices is None else [slice_indices],
-            slices_total=None if slices_total is None else [slices_total], modality=modality,
+            plans=None if plan is None else [plan], modality=modality,
             min_new_tokens=min_new_tokens,
         )[0]
 
-    def generate_batch(self, volumes, prompts, *, pruning=None, max_new_tokens: int = 64,
-                       slice_indices=None, slices_total=None, modality: str = "CT",
-                       min_new_tokens: int = 0) -> list[Generation]:
+    def generate_batch(self, volumes, prompts, *, pruning: PruningConfig | dict | None = None,
+                       max_new_tokens: int = 64, plans: list[SlicePlan] | None = None,
+                       modality: str = "CT", min_new_tokens: int = 0) -> list[Generation]:
         """Generate greedily for several volumes at once (left padding).
 
         Args:
             volumes: each (D, H, W) or (D, H, W, 3), any dtype (HU, float, uint8); prepared
-                with the recipe unless already uint8 at the recipe's size.
+                with the recipe unless already uint8 at the size the recipe gives it.
             prompts: one question per volume.
-            pruning: a ``PruningConfig`` (default: ``original``, no pruning).
+            pruning: a ``PruningConfig`` or its dict (default: ``original``, no pruning).
             max_new_tokens / min_new_tokens: generation length bounds.
-            slice_indices: per volume, the original numbers of the slices it holds when the
-                slice stage already ran elsewhere (then it is skipped here).
-            slices_total: per volume, the original depth (with ``slice_indices``).
+            plans: per volume, the slice plan when the slice stage already ran elsewhere;
+                the volume then holds exactly the planned slices (``plan.encode``), in order.
             modality: "CT" windows HU input; anything else is min-max scaled.
 
         Raises:
             ValueError: bad volumes (ndim, empty, NaN/inf, mismatched slices), prompts or
-                slice indices, with a message saying what was expected.
+                plans, with a message saying what was expected.
         """
         prepared = self.prepare_batch(volumes, prompts, pruning=pruning, modality=modality,
-                                      slice_indices=slice_indices, slices_total=slices_total)
+                                      plans=plans)
         texts, t_prefill, t_decode = self._run_generate(prepared, max_new_tokens, min_new_tokens)
         share = len(prepared.samples)
         out = []
@@ -133,7 +137,7 @@ class VLM:
             timing.update(t_prefill_s=t_prefill / share, t_decode_s=t_decode / share)
             out.append(Generation(text=text, stats=sample.stats, timings=timing,
                                   kept_slices=sample.kept_slices, kept_tokens=sample.kept_tokens,
-                                  token_grid=tuple(self.recipe.token_grid)))
+                                  token_grid=sample.token_grid))
         return out
 
     @torch.inference_mode()
@@ -143,41 +147,35 @@ class VLM:
         return self.model(**inputs).logits
 
     # ------------------------------------------------------------------ stages
-    def prepare_batch(self, volumes, prompts, *, pruning=None, modality: str = "CT",
-                      slice_indices=None, slices_total=None) -> Prepared:
+    def prepare_batch(self, volumes, prompts, *, pruning: PruningConfig | dict | None = None,
+                      modality: str = "CT", plans: list[SlicePlan] | None = None) -> Prepared:
         """Stages 1-4 for a batch: slices, vision, selection, pruned LM inputs."""
-        from pruning.methods.config import PruningConfig
-        from pruning.methods.select import capture_needs
-
-        if pruning is None:
-            pruning = PruningConfig(method="original")
-        elif not isinstance(pruning, PruningConfig):
-            pruning = PruningConfig.model_validate(pruning)  # a dict from JSON / YAML
+        pruning = PruningConfig(method="original") if pruning is None else parse_pruning(pruning)
         volumes, prompts = list(volumes), list(prompts)
         if not volumes or len(volumes) != len(prompts):
             raise ValueError(f"expected as many prompts as volumes (>= 1), got {len(volumes)} "
                              f"volumes and {len(prompts)} prompts")
-        plans = [self._slice_stage(i, v, p, pruning, modality, slice_indices, slices_total)
-                 for i, (v, p) in enumerate(zip(volumes, prompts, strict=True))]
-        want_scores, want_keys, want_object = capture_needs(pruning)
-        object_layer = None
-        if want_object:
-            object_layer = (pruning.hiprune_object_layer if pruning.hiprune_object_layer is not None
-                            else len(self.adapter.attention_layers(self.model)) // 2)
-        encoded, t_vision, t_capture = self._encode([p["slices"] for p in plans], want_scores,
-                                                    want_keys, object_layer, pruning.profile)
-        share = len(plans)
+        if plans is not None and len(plans) != len(volumes):
+            raise ValueError(f"expected one slice plan per volume, got {len(plans)} plans for "
+                             f"{len(volumes)} volumes")
+        staged = [self._slice_stage(i, v, p, pruning, modality, None if plans is None else plans[i])
+                  for i, (v, p) in enumerate(zip(volumes, prompts, strict=True))]
+        capture = pruning.capture(len(self.adapter.attention_layers(self.model)))
+        encoded, t_vision, t_capture = self._encode([s[1] for s in staged], capture,
+                                                    pruning.profile)
+        share = len(staged)
         samples, timings = [], []
-        for plan, enc in zip(plans, encoded, strict=True):
-            sample, t_select = build_sample(self, plan, enc, pruning)
-            t_select += t_capture / share
+        for (plan, slices, prompt, t_iaf), enc in zip(staged, encoded, strict=True):
+            sample, t_select = build_sample(self, plan, slices, prompt, enc, pruning)
             samples.append(sample)
-            timings.append({"t_iaf_s": plan["t_iaf"], "t_vision_s": t_vision / share,
-                            "t_select_s": t_select})
+            timings.append({"t_iaf_s": t_iaf, "t_vision_s": t_vision / share,
+                            "t_select_s": t_select + t_capture / share})
         inputs = build_batch(self, samples)
         return Prepared(inputs=inputs, samples=samples, timings=timings)
 
-    def _slice_stage(self, i, volume, prompt, pruning, modality, slice_indices, slices_total):
+    def _slice_stage(self, i: int, volume, prompt, pruning: PruningConfig, modality: str,
+                     plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, str, float]:
+        """(plan, the planned slices prepared as uint8 (n, h, w, 3), prompt, seconds)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
         for reserved in self.adapter.reserved_strings(self.processor):
@@ -185,68 +183,43 @@ class VLM:
                 raise ValueError(f"prompt {i} contains the reserved image token {reserved!r}")
         if not self.recipe.is_prepared(volume):
             volume = self.recipe.prepare(check_volume(volume), modality)
-        depth = volume.shape[0]
+        if plan is not None:
+            if volume.shape[0] != plan.encode.size:
+                raise ValueError(f"volume {i} holds {volume.shape[0]} slices but its plan "
+                                 f"encodes {plan.encode.size} ({plan.encode.tolist()})")
+            return plan, volume, prompt, 0.0
         start = time.perf_counter()
-        iaf_kept = None
-        if slice_indices is not None:
-            numbers = np.asarray(slice_indices[i], dtype=np.int64).reshape(-1)
-            if numbers.shape[0] != depth or (np.diff(numbers) <= 0).any() or (numbers < 0).any():
-                raise ValueError(
-                    f"slice_indices[{i}] must be {depth} ascending non-negative slice numbers "
-                    f"(one per slice of the volume), got {numbers.tolist()}")
-            total = int(slices_total[i]) if slices_total is not None else int(numbers[-1]) + 1
-            if total <= numbers[-1]:
-                raise ValueError(f"slices_total[{i}]={total} must exceed the largest slice index "
-                                 f"{int(numbers[-1])}")
-            encode = np.arange(depth)
-        else:
-            numbers = self.recipe.select_slices(volume, pruning)
-            total = depth
-            encode = numbers
-            if (pruning.method == "medpruner" and pruning.profile == "reference"
-                    and pruning.use_iaf):
-                # The public code filters after the encoder: encode everything, mask later.
-                encode = np.arange(depth)
-                iaf_kept = np.isin(encode, numbers)
-                numbers = encode
+        plan = pruning.slice_plan(volume)
         t_iaf = time.perf_counter() - start
-        return {"slices": volume[encode], "numbers": [int(n) for n in numbers], "total": total,
-                "prompt": prompt, "iaf_kept": iaf_kept, "t_iaf": t_iaf}
+        return plan, volume[plan.encode], prompt, t_iaf
 
-    def _encode(self, slice_sets, scores, keys, object_layer, profile):
-        """Vision tower over all volumes' slices in chunks; split back per volume."""
-        from pruning.runtime.adapters.base import Encoded
-
-        counts = [s.shape[0] for s in slice_sets]
-        all_slices = torch.from_numpy(np.concatenate(slice_sets)).to(self.device)  # (N, h, w, 3)
+    def _encode(self, slice_sets: list[np.ndarray], capture: Capture, profile: str
+                ) -> tuple[list[Encoded], float, float]:
+        """Vision tower over every volume's slices, in chunks of one slice size; split back
+        per volume. Returns (per-volume outputs, vision seconds, capture seconds)."""
         synchronize(self.device)
         start = time.perf_counter()
-        parts = [self.adapter.encode(self.model, all_slices[c: c + self.vision_batch_size],
-                                     self.recipe, self.lut, scores=scores, keys=keys,
-                                     object_layer=object_layer, profile=profile)
-                 for c in range(0, all_slices.shape[0], self.vision_batch_size)]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for v, slices in enumerate(slice_sets):
+            by_size.setdefault(tuple(slices.shape[1:]), []).append(v)
+        per_volume: list[Encoded | None] = [None] * len(slice_sets)
+        capture_seconds = 0.0
+        for members in by_size.values():
+            counts = [slice_sets[v].shape[0] for v in members]
+            stacked = np.concatenate([slice_sets[v] for v in members])
+            all_slices = torch.from_numpy(stacked).to(self.device)  # (N, h, w, 3) uint8
+            parts = [self.adapter.encode(self.model, all_slices[c: c + self.vision_batch_size],
+                                         self.recipe, self.lut, capture=capture, profile=profile)
+                     for c in range(0, all_slices.shape[0], self.vision_batch_size)]
+            capture_seconds += sum(p.capture_seconds for p in parts)
+            merged = _concat(parts)
+            offset = 0
+            for v, count in zip(members, counts, strict=True):
+                per_volume[v] = _slice_encoded(merged, slice(offset, offset + count))
+                offset += count
         synchronize(self.device)
         elapsed = time.perf_counter() - start
-        capture = sum(p.capture_seconds for p in parts)
-
-        def cat(name):
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values)
-
-        merged = Encoded(embeddings=cat("embeddings"),
-                         deepstack=[torch.cat([p.deepstack[j] for p in parts])
-                                    for j in range(len(parts[0].deepstack))],
-                         scores=cat("scores"), keys=cat("keys"), object_scores=cat("object_scores"))
-        per_volume, offset = [], 0
-        for count in counts:
-            sl = slice(offset, offset + count)
-            per_volume.append(Encoded(
-                embeddings=merged.embeddings[sl], deepstack=[d[sl] for d in merged.deepstack],
-                scores=None if merged.scores is None else merged.scores[sl],
-                keys=None if merged.keys is None else merged.keys[sl],
-                object_scores=None if merged.object_scores is None else merged.object_scores[sl]))
-            offset += count
-        return per_volume, elapsed - capture, capture
+        return per_volume, elapsed - capture_seconds, capture_seconds
 
     def _run_generate(self, prepared: Prepared, max_new_tokens: int, min_new_tokens: int):
         from transformers import LogitsProcessorList
@@ -274,6 +247,28 @@ class VLM:
         return [t.strip() for t in texts], first - start, end - first
 
 
+def _concat(parts: list[Encoded]) -> Encoded:
+    """One Encoded from consecutive chunks."""
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Encoded(embeddings=cat("embeddings"),
+                   deepstack=[torch.cat([p.deepstack[j] for p in parts])
+                              for j in range(len(parts[0].deepstack))],
+                   scores=cat("scores"), keys=cat("keys"), object_scores=cat("object_scores"))
+
+
+def _slice_encoded(enc: Encoded, rows: slice) -> Encoded:
+    """The slices ``rows`` of an Encoded."""
+    def part(value: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else value[rows]
+
+    return Encoded(embeddings=enc.embeddings[rows], deepstack=[d[rows] for d in enc.deepstack],
+                   scores=part(enc.scores), keys=part(enc.keys),
+                   object_scores=part(enc.object_scores))
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -291,17 +286,21 @@ def _attn_for(device: torch.device) -> str:
 
 def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
-             source_size: tuple[int, int] = (512, 512), window: str = "soft_tissue",
-             rgb_packing: bool = False, vision_batch_size: int = 32) -> VLM:
+             slice_size: tuple[int, int] | None = None, window: str = "soft_tissue",
+             rgb_packing: bool = False, vision_batch_size: int = 32,
+             cache_dir: str | None = None) -> VLM:
     """Load a checkpoint directory (or a cached hub id) as a :class:`VLM`; never downloads.
 
     Args:
-        model: checkpoint directory or hub id present in the local cache.
+        model: a model spec (checkpoint folder, cached hub id, ``phantom``, ``tiny:<family>``;
+            see :mod:`pruning.runtime.checkpoints`).
         device: default CUDA when available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
         attn_implementation: default flash_attention_2 on CUDA when installed, else sdpa.
-        source_size, window, rgb_packing: slice recipe options (see :mod:`pruning.runtime.recipe`).
+        slice_size, window, rgb_packing: slice recipe options (see :mod:`pruning.runtime.recipe`):
+            by default each volume is resized from its own slice size, as the processor does.
         vision_batch_size: slices per vision-tower call (bounds activation memory).
+        cache_dir: where ``tiny:`` checkpoints are built.
 
     Raises:
         FileNotFoundError: the checkpoint is not available locally.
@@ -309,7 +308,7 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
     """
     import json
 
-    ckpt = resolve_checkpoint(model)
+    ckpt = resolve_checkpoint(model, cache_dir=cache_dir)
     config = json.loads((ckpt / "config.json").read_text())
     adapter = create_adapter(family_for_config(config))
     dev = torch.device(device) if device is not None else _default_device()
@@ -321,7 +320,7 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
                              attn_implementation=attn_implementation or _attn_for(dev))
     adapter.bind(net)
     processor = adapter.load_processor(ckpt)
-    recipe = recipe_from_configs(config, image_processor_config(ckpt), source_size=source_size,
+    recipe = recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,
                                  window=window, rgb_packing=rgb_packing)
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
     return VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)

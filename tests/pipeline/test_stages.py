@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from pipeline.synthetic.ct import make_phantom
 from pruning import PruningConfig
 
 MODEL = "tiny:qwen2_5_vl"
-ORIGINAL = PruningConfig(method="original").model_dump_json()
-MEDPRUNER = PruningConfig(method="medpruner", tau=0.9, gamma=0.05).model_dump_json()
+ORIGINAL, MEDPRUNER = "original", "medpruner"  # rows name their method
+METHODS = {ORIGINAL: PruningConfig(method="original"),
+           MEDPRUNER: PruningConfig(method="medpruner", tau=0.9, gamma=0.05)}
 PROMPT = "Which organ holds the lesion?\nA. liver\nB. spleen\nAnswer with the option's letter."
 
 
@@ -39,12 +41,12 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def load(cache: str) -> LoadStage:
-    return LoadStage(MODEL, cache_dir=cache)
+    return LoadStage(MODEL, cache_dir=cache, methods=METHODS)
 
 
 @pytest.fixture(scope="module")
 def infer(cache: str) -> InferStage:
-    return InferStage(MODEL, cache_dir=cache, max_new_tokens=3)
+    return InferStage(MODEL, cache_dir=cache, max_new_tokens=3, methods=METHODS)
 
 
 def _batch(uris: list[str], prunings: list[str], **extra: list) -> dict[str, np.ndarray]:
@@ -66,12 +68,14 @@ def test_resolve_model_builds_tiny_once_and_passes_paths_through(cache: str) -> 
     first = resolve_model(MODEL, cache)
     assert (Path(first) / "config.json").exists()
     assert resolve_model(MODEL, cache) == first
-    assert resolve_model("/some/checkpoint", cache) == "/some/checkpoint"
+    assert resolve_model(first, cache) == first  # a folder passes through
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        resolve_model("/some/checkpoint", cache)
 
 
 def test_load_stage_emits_only_kept_uint8_slices(load: LoadStage, volumes: dict[str, str]) -> None:
     out = load(_batch([volumes["v0"], volumes["v0"]], [ORIGINAL, MEDPRUNER]))
-    h, w = load.recipe.size
+    h, w = load.recipe.size_for(48, 48)
     assert list(out["id"]) == ["r0", "r1"] and list(out["error"]) == ["", ""]
     full, pruned = out["slices"]
     assert full.dtype == np.uint8 and full.shape == (12, h, w, 3)
@@ -82,6 +86,46 @@ def test_load_stage_emits_only_kept_uint8_slices(load: LoadStage, volumes: dict[
     np.testing.assert_array_equal(pruned, full[kept])
     assert list(out["slices_total"]) == [12, 12]
     assert all(t >= 0 for t in out["t_load_s"]) and all(t >= 0 for t in out["t_iaf_s"])
+    assert [len(m) for m in out["iaf_kept"]] == [0, 0]  # no masked slices under 'paper'
+
+
+def test_load_stage_knows_its_methods_and_takes_config_objects(
+    load: LoadStage, volumes: dict[str, str]
+) -> None:
+    out = load(_batch([volumes["v0"], volumes["v0"]],
+                      ["fastv", PruningConfig(method="uniform", uniform_slices=3)]))
+    assert "unknown method 'fastv'" in out["error"][0] and "medpruner" in out["error"][0]
+    assert out["error"][1] == "" and list(out["slice_indices"][1]) == [0, 4, 8]
+
+
+def test_reference_profile_through_the_stages_equals_generate(
+    load: LoadStage, infer: InferStage, volumes: dict[str, str]
+) -> None:
+    """The load stage plans the reference profile's masked slices; the model stage follows
+    the plan and gives exactly what ``VLM.generate`` gives on the whole volume."""
+    import torch
+
+    from pipeline.io.volumes import load_volume
+
+    cfg = PruningConfig(method="medpruner", profile="reference", tau=0.5, temperature=0.05)
+    loaded = load(_batch([volumes["v0"]], [cfg]))
+    assert list(loaded["slice_indices"][0]) == list(range(12))
+    mask = loaded["iaf_kept"][0]
+    assert mask.dtype == bool and 0 < mask.sum() < 12
+    out = infer(loaded)
+    assert out["error"][0] == ""
+    volume = load_volume(volumes["v0"])
+    direct = infer.vlm.generate(volume.array, PROMPT, pruning=cfg, max_new_tokens=3)
+    assert out["prediction"][0] == direct.text
+    assert json.loads(out["kept_slices_json"][0]) == direct.kept_slices
+    assert json.loads(out["kept_tokens_json"][0]) == direct.kept_tokens
+    assert int(out["slices_kept"][0]) == direct.stats.slices_kept == int(mask.sum())
+    assert int(out["tokens_kept"][0]) == direct.stats.tokens_kept
+    # Same prefill logits: the plan the stages made equals the one generate makes.
+    staged = infer.vlm.prepare_batch([loaded["slices"][0]], [PROMPT], pruning=cfg,
+                                     plans=[InferStage._plan(loaded, 0)])
+    whole = infer.vlm.prepare_batch([volume.array], [PROMPT], pruning=cfg)
+    assert torch.equal(infer.vlm.logits(staged), infer.vlm.logits(whole))
 
 
 def test_load_stage_turns_failures_into_error_rows(load: LoadStage, volumes: dict[str, str]) -> None:

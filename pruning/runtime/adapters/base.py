@@ -16,27 +16,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pruning.methods.base import Capture, Encoded
 from pruning.runtime.capture import capture_attention
 from pruning.runtime.recipe import SliceRecipe
-
-
-@dataclass
-class Encoded:
-    """Vision-tower output for n slices, in LLM-token raster order."""
-
-    embeddings: torch.Tensor  # (n, K, D) projector output
-    deepstack: list[torch.Tensor] = field(default_factory=list)  # each (n, K, D) (Qwen3-VL)
-    scores: torch.Tensor | None = None  # (n, K) float32 attention received, selection layer
-    keys: torch.Tensor | None = None  # (n, K, d) float32 head-mean keys, selection layer
-    object_scores: torch.Tensor | None = None  # (n, K) float32, HiPrune's object layer
-    capture_seconds: float = 0.0  # time spent computing importance inside the tower
 
 
 def synchronize(device: torch.device) -> None:
@@ -125,16 +113,16 @@ class Adapter(ABC):
         recipe: SliceRecipe,
         lut: torch.Tensor,
         *,
-        scores: bool = False,
-        keys: bool = False,
-        object_layer: int | None = None,
+        capture: Capture | None = None,
         profile: str = "paper",
     ) -> Encoded:
-        """Encode uint8 slices (n, h, w, 3) on the device; optionally capture importance."""
+        """Encode uint8 slices (n, h, w, 3) on the device; capture what ``capture`` asks for."""
+        capture = capture or Capture()
+        keys, object_layer = capture.keys, capture.object_layer
         dtype = next(model.parameters()).dtype
         inputs = self.pixel_inputs(slices, recipe, lut, dtype)
         n = int(slices.shape[0])
-        if not (scores or keys or object_layer is not None):
+        if not capture.any:
             with torch.inference_mode():
                 embeds, deepstack = self.run_tower(model, inputs)
             return Encoded(embeddings=embeds, deepstack=deepstack)
@@ -162,8 +150,9 @@ class Adapter(ABC):
     # ------------------------------------------------------------------ language model
     @abstractmethod
     def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
-                     num_images: int, recipe: SliceRecipe) -> torch.Tensor:
-        """Positions of one full (unpruned) sequence: (R, L) for ids (L,), image mask (L,)."""
+                     num_images: int, slice_size: tuple[int, int]) -> torch.Tensor:
+        """Positions of one full (unpruned) sequence: (R, L) for ids (L,), image mask (L,),
+        with ``num_images`` model-input slices of ``slice_size`` (h, w)."""
 
     @abstractmethod
     def encoder_outputs(self, features: torch.Tensor, deepstack: list[torch.Tensor]) -> Any:

@@ -87,7 +87,7 @@ class Gemma3Adapter(Adapter):
         return pool_grid(per_slice, (side, side), self._pool, dim=1)  # (n, K) or (n, K, d)
 
     def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
-                     num_images: int, recipe: SliceRecipe) -> torch.Tensor:
+                     num_images: int, slice_size: tuple[int, int]) -> torch.Tensor:
         return torch.arange(input_ids.shape[0], device=input_ids.device)[None]  # (1, L)
 
     def renumber_positions(self, profile: str) -> bool:

@@ -85,8 +85,8 @@ class QwenAdapter(Adapter):
         self._patch, self._merge, self._temporal = self._geometry(model)
 
     def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
-                     num_images: int, recipe: SliceRecipe) -> torch.Tensor:
-        gh, gw = (s // self._patch for s in recipe.size)
+                     num_images: int, slice_size: tuple[int, int]) -> torch.Tensor:
+        gh, gw = (s // self._patch for s in slice_size)
         grid = torch.tensor([[1, gh, gw]] * num_images, dtype=torch.long, device=input_ids.device)
         positions, _ = model.model.get_rope_index(
             input_ids[None], mm_token_type_ids=image_mask[None].int(), image_grid_thw=grid

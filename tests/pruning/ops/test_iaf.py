@@ -176,7 +176,7 @@ def test_uniform_slices_fixed_stride() -> None:
 
 def test_local_distance_is_wired_through_select_slices_and_the_config() -> None:
     """``distance="local"`` (PruningConfig.iaf_distance) runs the lesion-preserving filter."""
-    from pruning.methods.config import PruningConfig
+    from pruning.methods import PruningConfig
     from pruning.ops.iaf_local import select_slices_local
 
     rng = np.random.default_rng(3)

@@ -99,9 +99,8 @@ def test_bad_options_are_rejected_with_the_valid_range() -> None:
         select_slices_transient(vol, 0.05, threshold=-0.1)
 
 
-def test_transient_distance_is_wired_through_select_slices_the_config_and_the_recipe() -> None:
-    from pruning.methods.config import PruningConfig
-    from pruning.runtime.recipe import SliceRecipe
+def test_transient_distance_is_wired_through_select_slices_and_the_config() -> None:
+    from pruning.methods import PruningConfig
 
     vol = _growing_organ(size=32)
     vol[6:8][:, _disc(32, 16, 19, 1.6)] += 70  # a 3 px lesion: found at size 2, not at size 3
@@ -122,12 +121,10 @@ def test_transient_distance_is_wired_through_select_slices_the_config_and_the_re
         PruningConfig(iaf_finding_threshold=-0.1)
     with pytest.raises(ValueError, match="iaf_shift"):
         PruningConfig(iaf_shift=-1)
-    recipe = SliceRecipe(family="qwen2_5_vl", size=(32, 32), image_mean=(0.5, 0.5, 0.5),
-                         image_std=(0.5, 0.5, 0.5), tokens_per_slice=16, token_grid=(4, 4))
     rgb = np.repeat(vol[..., None], 3, axis=-1)
-    assert recipe.select_slices(rgb, config).tolist() == [0, 6, 7]
+    assert config.slice_plan(rgb).encode.tolist() == [0, 6, 7]
     bigger = config.model_copy(update={"iaf_finding_size": 3})
-    assert recipe.select_slices(rgb, bigger).tolist() == [0]
+    assert bigger.slice_plan(rgb).encode.tolist() == [0]
 
 
 def test_large_slices_are_tested_on_a_downsampled_working_grid() -> None:

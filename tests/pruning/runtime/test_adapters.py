@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruning.methods.config import PruningConfig
+from pruning.methods import Capture, PruningConfig, SlicePlan
 from pruning.testing import reference_inputs
 
 PROMPT = "Describe the liver."
@@ -58,7 +58,7 @@ def test_pruned_stats_follow_nucleus_rule(tiny_vlm):
 
     vol = volume(4, seed=2)
     gen = tiny_vlm.generate(vol, PROMPT, pruning=PRUNE, max_new_tokens=3)
-    stats, k = gen.stats, tiny_vlm.recipe.tokens_per_slice
+    stats, k = gen.stats, tiny_vlm.recipe.tokens_per_slice(tiny_vlm.recipe.size_for(40, 40))
     assert stats.tokens_kept == sum(stats.tokens_per_slice) == sum(map(len, gen.kept_tokens))
     assert stats.tokens_kept <= stats.tokens_after_iaf <= stats.tokens_total == 4 * k
     assert stats.tokens_after_iaf == stats.slices_kept * k
@@ -68,7 +68,7 @@ def test_pruned_stats_follow_nucleus_rule(tiny_vlm):
     # Recompute DINS on independently captured attention of the kept slices.
     u8 = tiny_vlm.recipe.prepare(vol)[gen.kept_slices]
     enc = tiny_vlm.adapter.encode(tiny_vlm.model, torch.from_numpy(u8), tiny_vlm.recipe,
-                                  tiny_vlm.lut, scores=True, keys=True)
+                                  tiny_vlm.lut, capture=Capture(scores=True, keys=True))
     primary = nucleus_mask(enc.scores, PRUNE.tau, temperature=PRUNE.temperature)  # (n, K)
     for row, kept in zip(primary, gen.kept_tokens, strict=True):
         n_primary = int(row.sum())
@@ -153,9 +153,8 @@ def test_preselected_slices_match_full_volume(tiny_vlm):
     cfg = PruningConfig(method="medpruner", tau=0.5, temperature=0.05)
     full = tiny_vlm.generate(vol, PROMPT, pruning=cfg, max_new_tokens=3)
     u8 = tiny_vlm.recipe.prepare(vol)
-    idx = tiny_vlm.recipe.select_slices(u8, cfg)
-    pre = tiny_vlm.generate(u8[idx], PROMPT, pruning=cfg, max_new_tokens=3,
-                            slice_indices=idx, slices_total=len(vol))
+    plan = cfg.slice_plan(u8)
+    pre = tiny_vlm.generate(u8[plan.encode], PROMPT, pruning=cfg, max_new_tokens=3, plan=plan)
     assert (pre.text, pre.kept_slices, pre.kept_tokens) == (full.text, full.kept_slices, full.kept_tokens)
     assert pre.stats == full.stats
 
@@ -180,7 +179,11 @@ def test_bad_prompt_and_indices_raise(tiny_vlm):
     with pytest.raises(ValueError, match="reserved image token"):
         tiny_vlm.generate(volume(2), f"look {token}", max_new_tokens=1)
     with pytest.raises(ValueError, match="ascending"):
-        tiny_vlm.generate(volume(2), PROMPT, slice_indices=[3, 1], slices_total=5, max_new_tokens=1)
+        tiny_vlm.generate(volume(2), PROMPT, plan=SlicePlan(encode=[3, 1], total=5),
+                          max_new_tokens=1)
+    with pytest.raises(ValueError, match="holds 2 slices but its plan encodes 3"):
+        tiny_vlm.generate(volume(2), PROMPT, plan=SlicePlan(encode=[0, 1, 4], total=5),
+                          max_new_tokens=1)
 
 
 @pytest.mark.gpu

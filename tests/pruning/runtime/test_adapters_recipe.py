@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruning.methods.config import PruningConfig
+from pruning.methods import Capture, PruningConfig
 from pruning.runtime.adapters import (
     adapter_for_config,
     create_adapter,
@@ -19,8 +19,8 @@ from pruning.runtime.recipe import SliceRecipe, check_volume, load_recipe
 
 
 def _recipe(**overrides) -> SliceRecipe:
-    base = dict(family="gemma3", size=(32, 32), image_mean=(0.5, 0.5, 0.5),
-                image_std=(0.5, 0.5, 0.5), resample=2, tokens_per_slice=16, token_grid=(4, 4))
+    base = dict(family="gemma3", fixed_size=(32, 32), image_mean=(0.5, 0.5, 0.5),
+                image_std=(0.5, 0.5, 0.5), resample=2, fixed_grid=(4, 4))
     return SliceRecipe(**{**base, **overrides})
 
 
@@ -38,7 +38,9 @@ def test_registry_lists_families_and_rejects_unknown():
 def test_load_recipe_reads_json_only(tiny_checkpoints, tiny_vlm):
     recipe = load_recipe(tiny_checkpoints[tiny_vlm.family])
     assert recipe == tiny_vlm.recipe
-    assert recipe.tokens_per_slice == recipe.token_grid[0] * recipe.token_grid[1]
+    size = recipe.size_for(512, 512)
+    grid = recipe.token_grid(size)
+    assert recipe.tokens_per_slice(size) == grid[0] * grid[1]
     assert pickle.loads(pickle.dumps(recipe)) == recipe
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         load_recipe("no-such-org/no-such-model")
@@ -69,16 +71,16 @@ def test_normalise_and_iaf_scale():
     np.testing.assert_allclose(norm[0], (0 - 0.48145466) / 0.26862954, rtol=1e-6)
 
 
-def test_select_slices_per_method():
+def test_slice_plan_per_method():
     recipe = _recipe()
     rng = np.random.default_rng(1)
     distinct = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     u8 = np.repeat(distinct, [4, 2, 2], axis=0)  # runs at 0, 4, 6
-    assert recipe.select_slices(u8, PruningConfig(method="medpruner")).tolist() == [0, 4, 6]
-    assert recipe.select_slices(u8, PruningConfig(method="medpruner", gamma=-1)).tolist() == list(range(8))
-    assert recipe.select_slices(u8, PruningConfig(method="uniform", uniform_slices=4)).tolist() == [0, 2, 4, 6]
-    assert recipe.select_slices(u8, PruningConfig(method="visionzip")).tolist() == list(range(8))
-    assert len(recipe.select_slices(u8, PruningConfig(method="hulu_l1", max_slices=3))) == 3
+    assert PruningConfig(method="medpruner").slice_plan(u8).encode.tolist() == [0, 4, 6]
+    assert PruningConfig(method="medpruner", gamma=-1).slice_plan(u8).encode.tolist() == list(range(8))
+    assert PruningConfig(method="uniform", uniform_slices=4).slice_plan(u8).encode.tolist() == [0, 2, 4, 6]
+    assert PruningConfig(method="visionzip").slice_plan(u8).encode.tolist() == list(range(8))
+    assert len(PruningConfig(method="hulu_l1", max_slices=3).slice_plan(u8).encode) == 3
 
 
 @pytest.mark.parametrize(
@@ -112,13 +114,13 @@ def test_capture_restores_attention_after_error(tiny_vlm):
 
 
 def test_capture_does_not_change_features_and_scores_sum_to_queries(tiny_vlm):
-    u8 = np.random.default_rng(2).integers(0, 255, (2, *tiny_vlm.recipe.size, 3), dtype=np.uint8)
+    u8 = np.random.default_rng(2).integers(0, 255, (2, *tiny_vlm.recipe.size_for(512, 512), 3), dtype=np.uint8)
     slices = torch.from_numpy(u8)
     plain = tiny_vlm.adapter.encode(tiny_vlm.model, slices, tiny_vlm.recipe, tiny_vlm.lut)
     watched = tiny_vlm.adapter.encode(tiny_vlm.model, slices, tiny_vlm.recipe, tiny_vlm.lut,
-                                      scores=True, keys=True, object_layer=0)
+                                      capture=Capture(scores=True, keys=True, object_layer=0))
     assert torch.equal(plain.embeddings, watched.embeddings)
-    k = tiny_vlm.recipe.tokens_per_slice
+    k = tiny_vlm.recipe.tokens_per_slice(tuple(u8.shape[1:3]))
     assert watched.scores.shape == (2, k) and watched.object_scores.shape == (2, k)
     assert watched.keys.shape[:2] == (2, k)
     # Column sums over N queries total N; averaging N / K patches per token leaves K per slice.
@@ -130,9 +132,10 @@ def test_eager_vision_attention_is_captured_and_restored(tiny_checkpoints):
 
     vlm = load_vlm(tiny_checkpoints["qwen3_vl"], attn_implementation="eager")
     config = vlm.adapter.vision_config(vlm.model)
-    u8 = np.random.default_rng(3).integers(0, 255, (1, *vlm.recipe.size, 3), dtype=np.uint8)
-    enc = vlm.adapter.encode(vlm.model, torch.from_numpy(u8), vlm.recipe, vlm.lut, scores=True)
-    assert enc.scores.shape == (1, vlm.recipe.tokens_per_slice)
+    u8 = np.random.default_rng(3).integers(0, 255, (1, *vlm.recipe.size_for(512, 512), 3), dtype=np.uint8)
+    enc = vlm.adapter.encode(vlm.model, torch.from_numpy(u8), vlm.recipe, vlm.lut,
+                             capture=Capture(scores=True))
+    assert enc.scores.shape == (1, vlm.recipe.tokens_per_slice(tuple(u8.shape[1:3])))
     assert config._attn_implementation == "eager"
 
 
@@ -144,7 +147,7 @@ def test_make_tiny_vlm_overrides(tmp_path):
     path = make_tiny_vlm("qwen2_5_vl", tmp_path / "q", image_size=64, patch_size=8,
                          initializer_range=0.08)
     recipe = load_recipe(path)
-    assert recipe.size == (64, 64) and recipe.tokens_per_slice == 16
+    assert recipe.size_for(512, 512) == (64, 64) and recipe.tokens_per_slice((64, 64)) == 16
     config = json.loads((path / "config.json").read_text())
     assert config["initializer_range"] == 0.08
     assert config["vision_config"]["patch_size"] == 8

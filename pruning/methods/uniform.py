@@ -1,0 +1,52 @@
+"""``uniform``: every k-th slice to a slice budget (a natural user baseline); all tokens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from pruning.methods.base import PruningConfig, SlicePlan, check_depth
+from pruning.ops.iaf import uniform_slices
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+class UniformConfig(PruningConfig, method="uniform"):
+    """Evenly spaced slices: ``uniform_slices`` of them, else ``uniform_ratio`` of the depth."""
+
+    method: Literal["uniform"] = Field("uniform", description="evenly spaced slices")
+    uniform_slices: int | None = Field(
+        None, ge=1, description="uniform: slice budget (None: use uniform_ratio)"
+    )
+    uniform_ratio: float = Field(
+        0.25, gt=0.0, le=1.0, description="uniform: slice budget as a fraction of the depth"
+    )
+    min_slices: int = Field(1, ge=1, description="keep at least this many slices")
+
+    def budget(self, depth: int) -> int:
+        """How many slices of a ``depth``-slice volume are kept."""
+        budget = self.uniform_slices or max(1, round(depth * self.uniform_ratio))
+        budget = max(budget, self.min_slices)
+        if self.max_slices is not None:
+            budget = min(budget, self.max_slices)
+        return min(budget, depth)
+
+    def slice_plan(self, slices_u8: np.ndarray) -> SlicePlan:
+        """A fixed stride to the budget, starting at slice 0."""
+        depth = check_depth(slices_u8)
+        encode = np.asarray(uniform_slices(depth, self.budget(depth)), dtype=np.int64)
+        return SlicePlan(encode=encode, total=depth)
+
+    @property
+    def keeps_everything(self) -> bool:
+        return (self.uniform_slices is None and self.uniform_ratio >= 1.0
+                and self.max_slices is None)
+
+    def label_parts(self) -> list[str]:
+        if self.uniform_slices is not None:
+            return [f"slices={self.uniform_slices}"]
+        return [f"ratio={_fmt(self.uniform_ratio)}"]
