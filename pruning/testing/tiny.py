@@ -226,6 +226,7 @@ def make_tiny_vlm(
     patch_size: int | None = None,
     text_config: dict[str, Any] | None = None,
     vision_config: dict[str, Any] | None = None,
+    processor_config: dict[str, Any] | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a randomly initialised checkpoint directory for ``family`` and return its path.
@@ -241,6 +242,8 @@ def make_tiny_vlm(
             64 for Gemma3; bench: the real processor default).
         patch_size: vision patch size override.
         text_config, vision_config: keys merged into the sub-configs.
+        processor_config: keys merged into the image processor's settings (e.g. Qwen's
+            ``size`` = ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}``).
         **config_overrides: top-level config keys; ``initializer_range`` is also applied to
             both sub-configs.
 
@@ -267,6 +270,7 @@ def make_tiny_vlm(
     if family == "gemma3":
         tok = _gemma_tokenizer()
         cfg, proc_kw = _gemma_configs(size, tok, image_size, patch_size, text_config, vision_config)
+        proc_kw = _merge(proc_kw, processor_config)
         config = transformers.Gemma3Config(**_merge(cfg, config_overrides))
         model_cls = transformers.Gemma3ForConditionalGeneration
         image_processor = transformers.Gemma3ImageProcessorPil(**proc_kw)
@@ -275,6 +279,7 @@ def make_tiny_vlm(
         tok = _qwen_tokenizer()
         cfg, proc_kw = _qwen_configs(family, size, tok, image_size, patch_size,
                                      text_config, vision_config)
+        proc_kw = _merge(proc_kw, processor_config)
         config_cls = transformers.Qwen3VLConfig if family == "qwen3_vl" else transformers.Qwen2_5_VLConfig
         config = config_cls(**_merge(cfg, config_overrides))
         model_cls = (transformers.Qwen3VLForConditionalGeneration if family == "qwen3_vl"

@@ -72,7 +72,6 @@ def test_normalise_and_iaf_scale():
 
 
 def test_slice_plan_per_method():
-    recipe = _recipe()
     rng = np.random.default_rng(1)
     distinct = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     u8 = np.repeat(distinct, [4, 2, 2], axis=0)  # runs at 0, 4, 6
