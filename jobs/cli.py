@@ -20,6 +20,10 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+# Each subcommand imports its own modules when it is chosen: they pull in Ray, torch or
+# transformers (seconds each), which ``--help`` and the other subcommands need not pay for.
+
+
 def _demo(argv: list[str]) -> int:
     """Evaluate the demo config, then write the report (tables + plots) beside the results."""
     from jobs import evaluate, report

@@ -23,6 +23,7 @@ from pipeline.synthetic.phantom_vqa import (
     make_example,
     question_for,
 )
+from pruning.runtime.recipe import load_recipe
 
 _ATTN_NAME = "phantom_batched_flash_sdpa"
 
@@ -93,7 +94,6 @@ class PhantomBatcher:
     def __init__(self, checkpoint: str | Path, batch_size: int = 16) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from pruning.runtime.recipe import load_recipe
 
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.recipe = load_recipe(checkpoint)

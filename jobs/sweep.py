@@ -16,7 +16,9 @@ import sys
 from typing import Any
 
 from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit
+from jobs.report import markdown_table, write_output
 from pipeline.config import ConfigError, parse_config
+from pipeline.graph import run_evaluation
 
 # Ablations of MedPruner's two stages (paper Table 3).
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -119,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medpruner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from jobs.report import markdown_table, write_output
-    from pipeline.graph import run_evaluation
 
     result = run_evaluation(config)
     rows = sweep_rows(result.summary, methods)

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pruning.ops.attention import attention_received
+
 _LOCK = threading.RLock()
 
 
@@ -48,7 +50,6 @@ class LayerCapture:
 
     def add(self, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
         """Record one attention call; ``query``/``key`` are (B, H, N, d)."""
-        from pruning.ops.attention import attention_received
 
         _sync(query.device)
         start = time.perf_counter()

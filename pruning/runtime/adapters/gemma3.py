@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.ops.token_maps import pool_grid, strip_mean
 from pruning.runtime.adapters.base import Adapter
 from pruning.runtime.recipe import SliceRecipe
 
@@ -78,7 +79,6 @@ class Gemma3Adapter(Adapter):
 
     def to_tokens(self, values: torch.Tensor, inputs: dict[str, torch.Tensor], n: int,
                   profile: str) -> torch.Tensor:
-        from pruning.ops.token_maps import pool_grid, strip_mean
 
         side = self._patches_side
         per_slice = values.reshape(n, side * side, *values.shape[1:])  # (n, P) or (n, P, d)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.ops.token_maps import group_mean
 from pruning.runtime.adapters.base import Adapter
 from pruning.runtime.recipe import SliceRecipe
 
@@ -95,7 +96,6 @@ class QwenAdapter(Adapter):
 
     def _group_tokens(self, values: torch.Tensor, n: int, perm: torch.Tensor | None) -> torch.Tensor:
         """(N,) or (N, d) patches, 4 consecutive per token -> (n, K) or (n, K, d) tokens."""
-        from pruning.ops.token_maps import group_mean
 
         tokens = group_mean(values, group=self._merge * self._merge, perm=perm, dim=0)  # (U, ...)
         return tokens.reshape(n, -1, *values.shape[1:])
