@@ -6,7 +6,7 @@
     medpruner report RESULTS... --out DIR     Table 1/2 Markdown + plots (jobs.report)
     medpruner benchmark NAME                  python -m jobs.benchmark NAME
     medpruner make-tiny-model FAMILY OUT      tiny offline checkpoint (pruning.testing)
-    medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.ct)
+    medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.datasets)
     medpruner serve [--port P] [key=value]    start the HTTP service (serve.app)
 """
 
