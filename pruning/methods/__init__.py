@@ -17,19 +17,11 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, SerializeAsAny
 
-from pruning.methods.base import (
-    Capture,
-    Encoded,
-    PruningConfig,
-    SlicePlan,
-    SliceSelection,
-    TokenContext,
-    config_class,
-    registered,
-)
+from pruning.methods.base import PruningConfig, config_class, registered
 from pruning.methods.medpruner import FAMILY_TEMPERATURES, default_temperature
+from pruning.methods.selection import Capture, Encoded, SlicePlan, SliceSelection, TokenContext
 
-_NOT_METHODS = {"base"}
+_NOT_METHODS = {"base", "selection"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _NOT_METHODS:
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -7,14 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pruning.methods.base import (
-    Capture,
-    Encoded,
-    PruningConfig,
-    SliceSelection,
-    TokenContext,
-    from_flat,
-)
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import Capture, Encoded, SliceSelection, TokenContext, from_flat
 from pruning.ops.baselines import hiprune_select
 
 

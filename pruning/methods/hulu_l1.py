@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pruning.methods.base import Encoded, PruningConfig, SliceSelection, TokenContext, from_masks
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import Encoded, SliceSelection, TokenContext, from_masks
 from pruning.ops.baselines import hulu_l1_keep
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from pruning.methods.base import (
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import (
     Capture,
     Encoded,
-    PruningConfig,
     SlicePlan,
     SliceSelection,
     TokenContext,

@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pruning.methods.base import Encoded, PruningConfig, SliceSelection, TokenContext, from_flat
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import Encoded, SliceSelection, TokenContext, from_flat
 from pruning.ops.baselines import random_select
 
 # torch.Generator.manual_seed takes at most 64 bits.

@@ -7,7 +7,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pruning.methods.base import PruningConfig, SlicePlan, check_depth
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import SlicePlan, check_depth
 from pruning.ops.iaf import uniform_slices
 
 

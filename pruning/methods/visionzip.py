@@ -6,14 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pruning.methods.base import (
-    Capture,
-    Encoded,
-    PruningConfig,
-    SliceSelection,
-    TokenContext,
-    gather,
-)
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import Capture, Encoded, SliceSelection, TokenContext, gather
 from pruning.ops.baselines import visionzip_select
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pruning.methods.base import Encoded, PruningConfig, SlicePlan, TokenContext
+from pruning.methods.base import PruningConfig
+from pruning.methods.selection import Encoded, SlicePlan, TokenContext
 from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters.base import synchronize
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.methods.base import Capture, Encoded
+from pruning.methods.selection import Capture, Encoded
 from pruning.runtime.capture import capture_attention
 from pruning.runtime.recipe import SliceRecipe
 
