@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters import create_adapter, family_for_config
 from pruning.runtime.adapters.base import Adapter, synchronize
 from pruning.runtime.checkpoints import resolve_checkpoint
+from pruning.runtime.engines.hf import HFEngine
 from pruning.runtime.recipe import (
     SliceRecipe,
     check_volume,
@@ -67,36 +69,30 @@ class Generation:
 
 @dataclass
 class Prepared:
-    """A batch ready for the language model, with per-sample bookkeeping."""
+    """A batch ready for the language model: per-sample pruned inputs and timings."""
 
-    inputs: dict[str, Any]  # model kwargs: input_ids, attention_mask, position_ids, ...
     samples: list[Sample]
-    timings: list[dict[str, float]] = field(default_factory=list)
+    timings: list[dict[str, float]]
+    vlm: Any = field(repr=False)
 
-
-class _PrefillClock:
-    """Logits processor that records when the first logits (end of prefill) arrive."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.first = device, None
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            synchronize(self.device)
-            self.first = time.perf_counter()
-        return scores
+    @cached_property
+    def inputs(self) -> dict[str, Any]:
+        """The ``hf`` model kwargs (left-padded ids, mask, positions, features)."""
+        return build_batch(self.vlm, self.samples)
 
 
 class VLM:
     """A loaded model + processor + family adapter; see the module docstring."""
 
     def __init__(self, model, processor, adapter: Adapter, recipe: SliceRecipe, *, name: str,
-                 vision_batch_size: int = 32):
+                 vision_batch_size: int = 32, engine: Any = None):
         self.model, self.processor, self.adapter, self.recipe = model, processor, adapter, recipe
         self.name, self.family = name, adapter.family
-        self.device = next(model.parameters()).device
+        # The vision tower's device (with the ``vllm`` engine the language model is not loaded).
+        self.device = next(adapter.attention_layers(model)[0].parameters()).device
         self.vision_batch_size = vision_batch_size
         self.lut = torch.from_numpy(recipe.lut()).to(self.device)  # (3, 256) float32
+        self.engine = engine if engine is not None else HFEngine(self)
 
     # ------------------------------------------------------------------ public API
     def generate(self, volume, prompt: str, *, pruning: PruningConfig | dict | None = None,
@@ -130,11 +126,12 @@ class VLM:
         """
         prepared = self.prepare_batch(volumes, prompts, pruning=pruning, modality=modality,
                                       plans=plans)
-        texts, t_prefill, t_decode = self._run_generate(prepared, max_new_tokens, min_new_tokens)
+        result = self.engine.generate(prepared.samples, max_new_tokens, min_new_tokens)
         share = len(prepared.samples)
         out = []
-        for sample, timing, text in zip(prepared.samples, prepared.timings, texts, strict=True):
-            timing.update(t_prefill_s=t_prefill / share, t_decode_s=t_decode / share)
+        for sample, timing, text in zip(prepared.samples, prepared.timings, result.texts,
+                                        strict=True):
+            timing.update(t_prefill_s=result.t_prefill / share, t_decode_s=result.t_decode / share)
             out.append(Generation(text=text, stats=sample.stats, timings=timing,
                                   kept_slices=sample.kept_slices, kept_tokens=sample.kept_tokens,
                                   token_grid=sample.token_grid))
@@ -170,8 +167,7 @@ class VLM:
             samples.append(sample)
             timings.append({"t_iaf_s": t_iaf, "t_vision_s": t_vision / share,
                             "t_select_s": t_select + t_capture / share})
-        inputs = build_batch(self, samples)
-        return Prepared(inputs=inputs, samples=samples, timings=timings)
+        return Prepared(samples=samples, timings=timings, vlm=self)
 
     def _slice_stage(self, i: int, volume, prompt, pruning: PruningConfig, modality: str,
                      plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, str, float]:
@@ -220,31 +216,6 @@ class VLM:
         synchronize(self.device)
         elapsed = time.perf_counter() - start
         return per_volume, elapsed - capture_seconds, capture_seconds
-
-    def _run_generate(self, prepared: Prepared, max_new_tokens: int, min_new_tokens: int):
-        from transformers import LogitsProcessorList
-
-        if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
-                             f"got {max_new_tokens} and {min_new_tokens}")
-        config = self.model.generation_config.__class__.from_dict(
-            {**self.model.generation_config.to_dict(), "do_sample": False, "temperature": None,
-             "top_p": None, "top_k": None, "max_new_tokens": max_new_tokens,
-             "min_new_tokens": min_new_tokens or None})
-        if config.pad_token_id is None:
-            config.pad_token_id = self.processor.tokenizer.pad_token_id
-        clock = _PrefillClock(self.device)
-        synchronize(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(**prepared.inputs, generation_config=config,
-                                      logits_processor=LogitsProcessorList([clock]))
-        synchronize(self.device)
-        end = time.perf_counter()
-        first = clock.first if clock.first is not None else end
-        new = out[:, prepared.inputs["input_ids"].shape[1]:]
-        texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [t.strip() for t in texts], first - start, end - first
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
