@@ -7,7 +7,8 @@
 Overrides are dotted config keys (``output=/tmp/run1``, ``methods.1.tau=0.8``,
 ``stages.infer.num_gpus=0``), values parsed as YAML. Writes ``results.parquet``,
 ``summary.json`` and ``summary.md`` under ``output``; re-running with the same output resumes.
-Exit codes: 0 done, 1 failed, 2 bad configuration.
+Exit codes: 0 done, 1 failed (or more than ``run.max_error_rate`` of the rows ended in error:
+one line on stderr names the most common errors), 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 
 from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit, warn_missing_gpus
 from pipeline.config import ConfigError
+
+EXIT_FAILED = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_markdown(result.summary), flush=True)
     print(f"medpruner: {result.rows} rows ({result.new_rows} new, {result.errors} errors) in "
           f"{result.elapsed_s:.1f}s -> {result.results_uri}", flush=True)
+    if result.error_rate > config.run.max_error_rate:
+        hint = (f"; {result.transient_errors} transient: re-run the same command to retry them"
+                if result.transient_errors else "")
+        print(f"medpruner: error rate {result.error_rate:.0%} is over run.max_error_rate="
+              f"{config.run.max_error_rate:g}: {result.error_summary}{hint}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

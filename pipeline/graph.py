@@ -7,11 +7,14 @@ stream back to the driver, which prints progress and appends them as Parquet par
 ``summary.json`` / ``summary.md`` are written.
 
 Resume: before a run, the parts already in the output are read and every (id, method) pair
-found there is skipped (error rows too, unless ``run.retry_errors``). The merge keeps the last
-row per pair, so a pair is never duplicated, and the merged table always holds exactly
-samples x methods rows.
+found there is skipped (error rows too, unless ``run.retry_errors``; rows whose ``error_kind``
+is ``transient``, a storage outage, are retried unless ``run.retry_transient`` is off). The
+merge keeps the last row per pair, so a pair is never duplicated, and the merged table always
+holds exactly samples x methods rows.
 
-Fault tolerance: every stage returns one row per input row (failures become ``error`` rows);
+Fault tolerance: every stage returns one row per input row (failures become ``error`` rows,
+with ``error_kind`` "transient" after the load stage's own retries of a storage outage, else
+"permanent"); the caller compares ``EvalResult.error_rate`` with ``run.max_error_rate``;
 stage actors are created with ``max_restarts`` / ``max_task_retries`` so a killed actor is
 restarted and its batch retried by Ray Data.
 """
@@ -84,6 +87,13 @@ class EvalResult:
     new_rows: int
     errors: int
     elapsed_s: float
+    error_summary: str = ""
+    transient_errors: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        """Failed rows / rows (0 for an empty run)."""
+        return self.errors / self.rows if self.rows else 0.0
 
 
 def resolve_manifest(config: EvalConfig) -> str:
@@ -122,7 +132,11 @@ def resolve_manifest(config: EvalConfig) -> str:
 
 
 def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
-    """One row per (record, method), method-major so batches share a pruning config."""
+    """One row per (record, method), method-major so batches share a pruning config.
+
+    A row names its method (``pruning`` = the method's name); the stages hold the typed
+    configs (``stage_specs``), so no config travels with the rows.
+    """
     from pipeline.datasets.prompts import build_prompt
 
     seen: dict[str, int] = {}
@@ -142,8 +156,7 @@ def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
         })
     model = config.model.path
     return [
-        {**sample, "model": model, "method": spec.name,
-         "pruning": spec.pruning.model_dump_json()}
+        {**sample, "model": model, "method": spec.name, "pruning": spec.name}
         for spec in config.methods for sample in samples
     ]
 
@@ -164,14 +177,49 @@ def _check_compatible(existing: pa.Table, config: EvalConfig) -> None:
                              f"pruning config; rename the method or use another output")
 
 
-def pending(rows: list[dict[str, Any]], existing: pa.Table, retry_errors: bool) -> list[dict[str, Any]]:
-    """Rows whose (id, method) pair is not finished in ``existing``."""
+def pending(rows: list[dict[str, Any]], existing: pa.Table, retry_errors: bool,
+            retry_transient: bool = True) -> list[dict[str, Any]]:
+    """Rows whose (id, method) pair is not finished in ``existing``: never written, or whose
+    last row failed and ``retry_errors`` is set (any error) or ``retry_transient`` is set
+    (``error_kind`` "transient": a storage outage)."""
     if existing.num_rows == 0:
         return rows
     ids, methods = existing.column("id").to_pylist(), existing.column("method").to_pylist()
     errors = existing.column("error").to_pylist()
-    done = {(i, m) for i, m, e in zip(ids, methods, errors, strict=True) if not (retry_errors and e)}
+    kinds = existing.column("error_kind").to_pylist() if "error_kind" in existing.column_names \
+        else [None] * len(ids)
+    last: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for key in zip(ids, methods, zip(errors, kinds, strict=True), strict=True):
+        last[(key[0], key[1])] = key[2]  # the merge keeps the last row per pair, so does this
+    done = {pair for pair, (error, kind) in last.items()
+            if not (error and (retry_errors or (retry_transient and kind == "transient")))}
     return [r for r in rows if (r["id"], r["method"]) not in done]
+
+
+def _count_transient(table: pa.Table) -> int:
+    if "error_kind" not in table.column_names:  # parts written before error_kind existed
+        return 0
+    return sum(1 for kind in table.column("error_kind").to_pylist() if kind == "transient")
+
+
+def error_summary(table: pa.Table, top: int = 3) -> str:
+    """One line: the share of failed rows and the most common errors (``a x3; b x1``).
+
+    Error texts are shortened to their kind and type (``transient load: ConnectionError``)
+    so that rows differing only in a file name count together.
+    """
+    errors = [e for e in table.column("error").to_pylist() if e]
+    kinds = table.column("error_kind").to_pylist() if "error_kind" in table.column_names \
+        else [None] * table.num_rows
+    counts: dict[str, int] = {}
+    for error, kind in zip(table.column("error").to_pylist(), kinds, strict=True):
+        if error:
+            stage, _, rest = str(error).partition(": ")
+            label = f"{kind or 'permanent'} {stage}: {rest.partition(':')[0]}"
+            counts[label] = counts.get(label, 0) + 1
+    common = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    listed = "; ".join(f"{label} x{count}" for label, count in common)
+    return f"{len(errors)} of {table.num_rows} rows failed" + (f": {listed}" if listed else "")
 
 
 def _map_stage(ds: ray.data.Dataset, stage: type, res: StageResources, kwargs: dict[str, Any]) -> ray.data.Dataset:
@@ -193,11 +241,17 @@ StageSpec = tuple[type, dict[str, Any]]
 def stage_specs(config: EvalConfig) -> dict[str, StageSpec]:
     """The (actor class, constructor kwargs) of the load, infer and score stages."""
     cache = config.cache_path()
+    methods = {spec.name: spec.pruning for spec in config.methods}
+    model = {"model": config.model.path, "cache_dir": cache, "methods": methods,
+             "slice_size": config.model.slice_size}
     return {
-        "load": (LoadActor, {"model": config.model.path, "storage": config.dataset_storage,
-                             "cache_dir": cache, "max_volume_bytes": config.run.max_volume_bytes}),
-        "infer": (InferActor, {"model": config.model.path, "device": config.model.device,
-                               "dtype": config.model.dtype, "cache_dir": cache,
+        "load": (LoadActor, {**model, "storage": config.dataset_storage,
+                             "max_volume_bytes": config.run.max_volume_bytes,
+                             "limits": config.run.limits.model_dump(),
+                             "transient_retries": config.run.transient_retries,
+                             "retry_backoff_s": config.run.retry_backoff_s}),
+        "infer": (InferActor, {**model, "device": config.model.device,
+                               "dtype": config.model.dtype, "engine": config.model.engine,
                                "max_new_tokens": config.max_new_tokens}),
         "score": (ScoreActor, {"scorer": config.scorer}),
     }
@@ -233,10 +287,15 @@ def _stream(ds: ray.data.Dataset, config: EvalConfig, run_id: str, progress: Pro
             seq, written = seq + 1, written + table.num_rows
             buffered.clear()
 
+    # Rows name their method; the results record each method's full config.
+    definitions = {spec.name: spec.pruning.model_dump_json() for spec in config.methods}
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for batch in batches:
             table = coerce_results(batch, run_id)
+            configs = [definitions.get(m, m) for m in table.column("method").to_pylist()]
+            table = table.set_column(table.schema.get_field_index("pruning"), "pruning",
+                                     pa.array(configs, pa.string()))
             buffered.append(table)
             if sum(t.num_rows for t in buffered) >= config.run.flush_rows:
                 flush()
@@ -284,7 +343,7 @@ def run_evaluation(
     existing = existing if existing is not None else pa.table({"id": [], "method": [], "error": []})
     if existing.num_rows:
         _check_compatible(existing, config)
-    todo = pending(rows, existing, config.run.retry_errors)
+    todo = pending(rows, existing, config.run.retry_errors, config.run.retry_transient)
     totals = {m.name: len(records) for m in config.methods}
     done = {m: sum(1 for r in rows if r["method"] == m) - sum(1 for r in todo if r["method"] == m)
             for m in totals}
@@ -306,4 +365,5 @@ def run_evaluation(
     write_bytes(join_uri(config.output, "summary.md"), summary_markdown(summary).encode(), config.storage)
     errors = sum(1 for e in merged.column("error").to_pylist() if e)
     return EvalResult(config.output, results_uri, summary, merged.num_rows, new_rows, errors,
-                      time.monotonic() - started)
+                      time.monotonic() - started, error_summary(merged),
+                      _count_transient(merged))

@@ -2,8 +2,12 @@
 
 Routes: ``POST /v1/analyze`` (JSON or multipart), ``POST /v1/visualize`` (same body -> PNG),
 ``POST /v1/chat/completions`` (OpenAI subset), ``GET /v1/models``, ``GET /healthz``.
-Every error is JSON ``{"error": {"type", "message"}}``; client mistakes map to 4xx, overload
-to 503, the in-app deadline to 504. The app never logs request bodies or volume URIs.
+Every error is JSON ``{"error": {"type", "message"}}``; client mistakes map to 4xx (JSON
+nested deeper than ``limits.max_json_depth``: 400; a prompt over ``limits.max_prompt_chars``:
+413; pruning values: 422 ``invalid_pruning``), overload, a dead replica or an unusable object
+store to 503 with ``Retry-After``, the in-app deadline to 504; never a 500 for what a client
+sent. With a bearer token set, the docs routes are off. The app never logs request bodies or
+volume URIs.
 """
 
 from __future__ import annotations
@@ -133,28 +137,68 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_json(request: Request) -> Any:
-    """The JSON body, or ApiError 415 (wrong type) / 400 (malformed)."""
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, walked iteratively; stops counting past ``limit``."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def loads_limited(text: str | bytes, max_depth: int, what: str = "the body") -> Any:
+    """``json.loads`` refusing nesting deeper than ``max_depth`` (400 ``invalid_json``).
+
+    The parser itself gives up on pathological nesting with RecursionError (a 400 too), so
+    depth is checked on the parsed value, without recursion.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        deep = True
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON: {safe_text(exc, 120)}") \
+            from None
+    else:
+        deep = json_depth(value, max_depth) > max_depth
+    if deep:
+        raise ApiError(400, "invalid_json", f"{what} is nested deeper than {max_depth} levels")
+    return value
+
+
+async def read_json(request: Request, max_depth: int = 32) -> Any:
+    """The JSON body, or ApiError 415 (wrong type) / 400 (malformed or nested deeper than
+    ``max_depth``)."""
     if media_type(request) not in JSON_TYPES:
         raise ApiError(415, "unsupported_media_type",
                        "send the body as application/json")
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {safe_text(exc, 120)}") \
-            from None
+    return loads_limited(await request.body(), max_depth)
+
+
+MAX_SEED = 2**63 - 1  # torch and numpy generators take 64-bit seeds
 
 
 def merge_pruning(default: PruningConfig, overrides: dict[str, Any] | None) -> PruningConfig:
-    """The default pruning with a request's overrides applied (422 for bad fields)."""
+    """The default pruning with a request's overrides applied (422 ``invalid_pruning`` for
+    bad fields or values no model can take, e.g. a seed beyond 64 bits)."""
     if not overrides:
         return default
     try:
-        return PruningConfig.model_validate({**default.model_dump(), **overrides})
-    except ValidationError as exc:
-        message = validation_message(exc)
-        raise ApiError(422, "invalid_pruning", f"pruning: {message}") from None
+        merged = default.with_overrides(overrides)
+    except (ValidationError, ValueError, TypeError) as exc:
+        message = validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise ApiError(422, "invalid_pruning", f"pruning: {safe_text(message)}") from None
+    seed = getattr(merged, "seed", 0)
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise ApiError(422, "invalid_pruning", f"pruning.seed: must be between 0 and {MAX_SEED}")
+    return merged
 
 
 def volume_format(fmt: str | None) -> str | None:
@@ -221,10 +265,18 @@ class RequestBuilder:
         if len(data) > limits.max_volume_bytes:
             raise ApiError(413, "volume_too_large",
                            f"the volume exceeds the limit of {limits.max_volume_bytes} bytes")
+        budget = limits.max_prompt_chars
+        if fields.choices and len(fields.question) + sum(
+                len(k) + len(v) for k, v in fields.choices.items()) > budget:
+            raise ApiError(413, "prompt_too_long", f"question + choices exceed the prompt budget "
+                           f"of {budget} characters")
         try:
             prompt = build_prompt(fields.question, fields.task, fields.choices)
         except (ValueError, TypeError) as exc:
             raise ApiError(422, "invalid_request", safe_text(exc)) from None
+        if len(prompt) > budget:
+            raise ApiError(413, "prompt_too_long", f"the prompt (question, choices and system "
+                           f"text) has {len(prompt)} characters; the budget is {budget}")
         return AnalysisJob(
             id=f"req-{uuid.uuid4().hex[:16]}", volume_uri=uri, volume_bytes=data,
             volume_format=fmt or "", prompt=prompt,
@@ -296,7 +348,7 @@ class Service:
         """A JSON or multipart analysis request -> (job, its options)."""
         if media_type(request) == MULTIPART_TYPE:
             return await _parse_multipart(request, self.builder, want_slices)
-        req = parse_model(AnalyzeRequest, await read_json(request))
+        req = parse_model(AnalyzeRequest, await read_json(request, self.cfg.limits.max_json_depth))
         return self.builder.job(req, req.volume, want_slices=want_slices), req
 
     async def analyze(self, request: Request) -> JSONResponse:
@@ -327,7 +379,7 @@ class Service:
         """POST /v1/chat/completions (OpenAI subset, optional SSE streaming)."""
         t0 = time.perf_counter()
         self.authorize(request)
-        chat = parse_model(ChatRequest, await read_json(request))
+        chat = parse_model(ChatRequest, await read_json(request, self.cfg.limits.max_json_depth))
         name = self.cfg.model_name
         if chat.model not in (name, self.cfg.model):
             raise ApiError(404, "model_not_found",
@@ -362,7 +414,11 @@ class Service:
 
 def create_app(cfg: ServeAppConfig, backend: Backend) -> FastAPI:
     """Build the FastAPI app serving ``backend`` under ``cfg``'s limits and access rules."""
-    app = FastAPI(title="MedPruner", version="1", docs_url="/docs", redoc_url=None)
+    # With a token, every route but /healthz needs it: the interactive docs and the schema are
+    # switched off rather than served unauthenticated.
+    docs = cfg.access.token() is None
+    app = FastAPI(title="MedPruner", version="1", docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
     _install_error_handlers(app)
     service = Service(cfg, backend)
     app.post("/v1/analyze")(service.analyze)
@@ -390,8 +446,10 @@ async def _parse_multipart(request: Request, builder: RequestBuilder,
             continue
         if key in ("choices", "pruning"):
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
+                value = loads_limited(value, builder.cfg.limits.max_json_depth, key)
+            except ApiError as exc:
+                if "nested" in exc.message:
+                    raise
                 raise ApiError(422, "invalid_request", f"{key}: must be a JSON object") from None
         fields[key] = value
     fmt = fields.pop("format", None) or format_from_filename(upload.filename)

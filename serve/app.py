@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -60,21 +61,34 @@ def batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
-def stage_error_to_api(error: str) -> ApiError:
-    """Map a stage's ``error`` string (``"<stage>: <Type>: <message>"``) to an HTTP error."""
+RETRY_AFTER = {"Retry-After": "2"}
+# A replica that died (or is being replaced) under a request: every request here is idempotent
+# (no state changes), so it is retried once, then answered 503 with Retry-After.
+REPLICA_DIED = (RayActorError, ActorUnavailableError)
+
+
+def stage_error_to_api(error: str, error_kind: str = "") -> ApiError:
+    """Map a stage's ``error`` string (``"<stage>: <Type>: <message>"``) to an HTTP error.
+
+    ``error_kind`` "transient" (the load stage's verdict: storage outage, timeout, throttling,
+    missing server credentials) is the server's problem: 503 ``storage_unavailable``.
+    """
     stage, _, rest = error.partition(": ")
     kind, _, message = rest.partition(": ")
     message = safe_text(message or rest)
     if stage == "load":
-        if kind == "VolumeLimitError" or (kind in ("ValueError", "VolumeError") and (
-                "exceeds" in message or "over the" in message and "cap" in message)):
+        if error_kind == "transient":
+            return ApiError(503, "storage_unavailable", "the server cannot read the object "
+                            "store right now (outage or server credentials); retry later",
+                            dict(RETRY_AFTER))
+        if kind in ("VolumeLimitError", "DecodeTimeoutError") or (
+                kind in ("ValueError", "VolumeError") and (
+                    "exceeds" in message or "over the" in message and "cap" in message)):
             return ApiError(413, "volume_too_large", message)
         if kind == "FileNotFoundError":
             return ApiError(404, "volume_not_found", "no volume exists at the given URI")
         if kind == "PermissionError":
             return ApiError(403, "forbidden_uri", "the volume at the given URI cannot be read")
-        if kind in ("ConnectionError", "TimeoutError", "EndpointConnectionError", "ClientError"):
-            return ApiError(502, "storage_unavailable", "the object store did not answer")
         return ApiError(400, "invalid_volume", message)
     if stage == "infer" and kind == "ValueError":
         return ApiError(400, "invalid_volume", message)
@@ -121,7 +135,10 @@ def _limited_load_stage(cfg: ServeAppConfig) -> Any:
             return volume
 
     return LimitedLoadStage(cfg.model, storage=cfg.storage, cache_dir=cfg.cache_dir,
-                            max_volume_bytes=cfg.limits.max_volume_bytes)
+                            slice_size=cfg.slice_size,
+                            max_volume_bytes=cfg.limits.max_volume_bytes,
+                            limits=cfg.limits.decode_limits(), transient_retries=1,
+                            retry_backoff_s=0.5)
 
 
 @serve.deployment
@@ -133,9 +150,9 @@ class Preprocessor:
         self._stage = _limited_load_stage(cfg)
 
     def info(self) -> dict[str, Any]:
-        """Slice recipe facts the ingress needs (token grid of a slice)."""
+        """Slice recipe facts the ingress needs (the recipe gives a slice's token grid)."""
         recipe = self._stage.recipe
-        return {"family": recipe.family, "token_grid": tuple(int(s) for s in recipe.token_grid)}
+        return {"family": recipe.family, "recipe": recipe}
 
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
         data, uri = row.get("volume_bytes") or b"", row["volume_uri"]
@@ -160,7 +177,8 @@ class ModelServer:
 
         logging.getLogger("medpruner").setLevel(cfg.log_level)
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
-                                 max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir)
+                                 max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
+                                 slice_size=cfg.slice_size)
         self._batching = cfg.infer.batching.enabled
         self._lock = threading.Lock()  # one generate at a time on this replica's model
         self.infer_batch.set_max_batch_size(cfg.infer.resources.batch_size)
@@ -169,7 +187,16 @@ class ModelServer:
     def ready(self) -> dict[str, Any]:
         """Model facts; answering at all means the model is loaded."""
         vlm = self._stage.vlm
-        return {"family": vlm.family, "device": str(vlm.device), "batching": self._batching}
+        return {"family": vlm.family, "device": str(vlm.device), "batching": self._batching,
+                "vision_layers": self._vision_layers(vlm)}
+
+    @staticmethod
+    def _vision_layers(vlm: Any) -> int | None:
+        """Attention blocks of the vision tower (bound of ``hiprune_object_layer``)."""
+        try:
+            return len(vlm.adapter.attention_layers(vlm.model))
+        except Exception:  # noqa: BLE001 - an adapter without the notion: no bound checked
+            return None
 
     def check_health(self) -> None:
         """Serve's health probe: the model must be present."""
@@ -177,18 +204,9 @@ class ModelServer:
             raise RuntimeError("model not loaded")
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run the stage over ``rows``, grouped by their generation budget, keeping order."""
-        out: list[dict[str, Any] | None] = [None] * len(rows)
-        groups: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(int(row["max_new_tokens"]), []).append(i)
-        with self._lock:
-            for budget, members in groups.items():
-                self._stage.max_new_tokens = budget
-                results = batch_to_rows(self._stage(rows_to_batch([rows[i] for i in members])))
-                for i, result in zip(members, results, strict=True):
-                    out[i] = result
-        return out  # type: ignore[return-value]
+        """Run the stage over ``rows`` (each with its own ``max_new_tokens``), keeping order."""
+        with self._lock:  # one generate at a time on this replica's model
+            return batch_to_rows(self._stage(rows_to_batch(rows)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def infer_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,6 +232,7 @@ class Ingress:
         self._pre = preprocess
         self._model = model
         self._recipe_info: dict[str, Any] | None = None
+        self._model_info: dict[str, Any] | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self._cfg, self)
@@ -225,12 +244,45 @@ class Ingress:
             raise ApiError(503, "overloaded", "the server is at capacity; retry shortly",
                            {"Retry-After": "1"}) from None
         except DeploymentUnavailableError:
-            raise ApiError(503, "unavailable", "the model is not available yet") from None
+            raise ApiError(503, "unavailable", "the model is not available yet",
+                           dict(RETRY_AFTER)) from None
+
+    async def _retry_once(self, attempt: Any) -> Any:
+        """Run ``attempt()``; if a replica died under it, once more; then 503 + Retry-After."""
+        try:
+            return await attempt()
+        except REPLICA_DIED:
+            logger.warning("a replica died under a request; retrying it once")
+        try:
+            return await attempt()
+        except REPLICA_DIED:
+            raise ApiError(503, "replica_unavailable", "a model replica failed while answering; "
+                           "retry shortly", dict(RETRY_AFTER)) from None
+
+    async def _check_pruning(self, job: AnalysisJob) -> None:
+        """422 ``invalid_pruning`` for values the loaded model cannot take."""
+        layer = getattr(job.pruning, "hiprune_object_layer", None)
+        if layer is None:
+            return
+        if self._model_info is None:
+            try:
+                self._model_info = await self._model.ready.remote()
+            except Exception:  # noqa: BLE001 - not ready: the request fails later, as before
+                return
+        layers = self._model_info.get("vision_layers")
+        if layers is not None and layer >= layers:
+            raise ApiError(422, "invalid_pruning", f"pruning: hiprune_object_layer must be below "
+                           f"{layers} (the vision tower's blocks), got {layer}")
 
     async def analyze(self, job: AnalysisJob) -> AnalysisResult:
-        """Run the graph for one job; stage errors become ApiErrors."""
+        """Run the graph for one job (once more if a replica died); stage errors become
+        ApiErrors."""
+        await self._check_pruning(job)
+        return await self._retry_once(lambda: self._analyze(job))
+
+    async def _analyze(self, job: AnalysisJob) -> AnalysisResult:
         row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
-               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
+               "volume_bytes": job.volume_bytes, "pruning": job.pruning,
                "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
         if not job.want_slices:
             # Chain the handles: the loaded row (kept slices) goes from the preprocessing
@@ -238,19 +290,20 @@ class Ingress:
             # row passes InferStage untouched and is mapped below.
             result = await self._call(self._model.infer, self._pre.load.remote(row))
             if result["error"]:
-                raise self._client_error(result["error"], job)
+                raise self._client_error(result, job)
             return AnalysisResult(row=result)
         loaded = await self._call(self._pre.load, row)
         if loaded["error"]:
-            raise self._client_error(loaded["error"], job)
+            raise self._client_error(loaded, job)
         result = await self._call(self._model.infer, loaded)
         if result["error"]:
-            raise self._client_error(result["error"], job)
+            raise self._client_error(result, job)
         slices, grid = await self._kept_view(loaded["slices"], loaded["slice_indices"], result)
         return AnalysisResult(row=result, slices=slices, token_grid=grid)
 
-    def _client_error(self, error: str, job: AnalysisJob) -> ApiError:
-        api_error = stage_error_to_api(error)
+    def _client_error(self, row: dict[str, Any], job: AnalysisJob) -> ApiError:
+        error = str(row["error"])
+        api_error = stage_error_to_api(error, str(row.get("error_kind") or ""))
         if job.volume_uri:  # never reveal the resolved server path
             api_error.message = api_error.message.replace(job.volume_uri, "<volume>")
         api_error.message = api_error.message.replace(job.id, "<volume>")
@@ -267,7 +320,7 @@ class Ingress:
         info = self._recipe_info
         position = {int(s): i for i, s in enumerate(indices)}
         kept = [position[s] for s in json.loads(result["kept_slices_json"]) if s in position]
-        return slices[kept], info["token_grid"]
+        return slices[kept], info["recipe"].token_grid(tuple(int(x) for x in slices.shape[1:3]))
 
     async def ready(self) -> dict[str, Any]:
         """Model facts once a model replica answers; 503 until then."""

@@ -18,6 +18,9 @@ import stat
 import zipfile
 from collections.abc import Iterable, MutableSequence, Sequence
 
+# A volume over the limits, declared or decoded (413): the one class the decoders raise too.
+from pipeline.io.limits import VolumeLimitError  # noqa: F401 - re-exported for serve.app
+
 # URI schemes that name an object store (bucket = first path component).
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs")
 MAX_URI_CHARS = 2048
@@ -50,10 +53,6 @@ class ApiError(Exception):
     def to_body(self) -> dict:
         """The JSON body of the error response."""
         return {"error": {"type": self.type, "message": self.message}}
-
-
-class VolumeLimitError(ValueError):
-    """A decoded volume exceeds the configured slice-count or slice-size limits."""
 
 
 def safe_text(text: str, max_chars: int = 500) -> str:

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tests never reach beyond loopback: without this, an S3 client with no credentials probes the
+# cloud metadata address (169.254.169.254) for seconds. Set before boto/s3fs are imported.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import pytest  # noqa: E402
 

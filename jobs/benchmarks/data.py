@@ -5,7 +5,11 @@ Compared side by side in one run, interleaved, medians over repeats, MB/s of dec
 - nibabel default: ``np.asanyarray(nib.load(path).dataobj)`` (what a careful user writes; it
   uses indexed_gzip when installed), native dtype, no reorientation;
 - nibabel ``get_fdata()`` (float64), the common shortcut, for reference.
-Wall and CPU seconds (all threads of the process) are both printed.
+Wall and CPU seconds (all threads of the process) are both printed. A second table gives the
+cost of the decoding limits: ``load_volume`` with the default ``DecodeLimits`` (header checks,
+output-capped inflation, the trailing-data check, the time budget) against
+``DecodeLimits.unlimited()``, which skips every check (the decoder as it was before the
+limits), interleaved, medians of per-repeat ratios.
 The file is a phantom CT (HU, realistic compressibility) saved by nibabel with a RAS affine,
 as most converters write it. Usage: ``python -m jobs.benchmark data [--quick] [--repeats N]``.
 """
@@ -53,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import nibabel as nib
 
+    from pipeline.io.limits import DecodeLimits
     from pipeline.io.volumes import load_volume
 
     depth, size = (64, 256) if args.quick else (300, 512)
     methods: dict[str, Callable[[Path], Callable[[], np.ndarray]]] = {
         "load_volume (ours)": lambda p: lambda: load_volume(str(p)).array,
+        "load_volume, caps off": lambda p: lambda: load_volume(
+            str(p), limits=DecodeLimits.unlimited()).array,
         "nibabel asanyarray(dataobj)": lambda p: lambda: np.asanyarray(nib.load(str(p)).dataobj),
         "nibabel get_fdata() float64": lambda p: lambda: nib.load(str(p)).get_fdata(),
     }
@@ -87,7 +94,22 @@ def main(argv: list[str] | None = None) -> int:
               f"| {cpu:.3f} | {decoded_mb / cpu:.0f} | {base[1] / cpu:.2f}x |")
     print("CPU time counts every thread of this process (load_volume inflates in a second thread),"
           " so it is the fair figure on a busy machine; wall time is what a single job sees.")
+    _print_caps_cost(times)
     return 0
+
+
+def _print_caps_cost(times: dict[str, list[tuple[float, float]]]) -> None:
+    """Cost of the decoding limits: caps on (default DecodeLimits) vs off, same runs."""
+    on, off = times["load_volume (ours)"], times["load_volume, caps off"]
+    print()
+    print("| decoding limits | wall s | CPU s |")
+    print("|---|---|---|")
+    for name, values in (("on (defaults)", on), ("off (unlimited)", off)):
+        wall, cpu = (statistics.median(t[i] for t in values) for i in (0, 1))
+        print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
+    ratios = [statistics.median(a[i] / b[i] for a, b in zip(on, off, strict=True)) for i in (0, 1)]
+    print(f"caps on / off, median of per-repeat ratios: wall {ratios[0]:.3f}, CPU {ratios[1]:.3f} "
+          f"({(ratios[0] - 1) * 100:+.1f} % wall; target < +3 %)")
 
 
 if __name__ == "__main__":

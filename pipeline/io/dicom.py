@@ -37,9 +37,29 @@ def looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def _plausible_raw_dicom(data: bytes) -> bool:
+    """For files without the Part-10 preamble: does the first element look like a DICOM tag?
+
+    A raw dataset starts with group 0x0002 (file meta) or 0x0008 (identifying information) in
+    either byte order; anything else (zeros, text, another format) is refused here, because
+    pydicom's forced parse of arbitrary bytes can take minutes on a large file.
+    """
+    if len(data) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(data[:2], order)
+        if 0x0002 <= group <= 0x0028:
+            return True
+    return False
+
+
 def read_dataset(data: bytes, source: str) -> Any:
     """Parse only geometry and pixel tags of one DICOM file (never identifiers)."""
     import pydicom
+
+    if not looks_like_dicom(data) and not _plausible_raw_dicom(data):
+        raise VolumeError(f"{source}: not a DICOM file (no 'DICM' preamble and no DICOM tag "
+                          "at the start)")
 
     try:
         with warnings.catch_warnings():  # pydicom warnings may quote element values
@@ -52,10 +72,32 @@ def read_dataset(data: bytes, source: str) -> Any:
         raise VolumeError(f"{source}: not a readable DICOM file ({type(err).__name__})") from err
 
 
-def pixels(ds: Any, source: str) -> np.ndarray:
-    """Stored pixel values of a dataset (no rescale): (H, W), (frames, H, W) or RGB."""
+def declared_pixels(ds: Any, source: str) -> tuple[int, int, int, int]:
+    """(frames, rows, columns, decoded bytes) the dataset declares, before any pixel decoding."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as err:
+        raise VolumeError(f"{source}: DICOM image size tags are not numbers ({type(err).__name__})") \
+            from err
+    if min(rows, cols, frames, samples, bits) <= 0:
+        raise VolumeError(f"{source}: DICOM file declares no image (Rows/Columns missing or 0)")
+    return frames, rows, cols, frames * rows * cols * samples * max(1, -(-bits // 8))
+
+
+def pixels(ds: Any, source: str, limits: Any = None) -> np.ndarray:
+    """Stored pixel values of a dataset (no rescale): (H, W), (frames, H, W) or RGB.
+
+    ``limits`` (a ``pipeline.io.limits.DecodeLimits``) is checked against Rows, Columns,
+    NumberOfFrames, SamplesPerPixel and BitsAllocated before the pixels are decoded.
+    """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise VolumeError(f"{source}: DICOM file has no pixel data")
+    if limits is not None:
+        frames, rows, cols, nbytes = declared_pixels(ds, source)
+        limits.check_declared(source, slices=frames, height=rows, width=cols, nbytes=nbytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -75,10 +117,10 @@ def _rescale(ds: Any) -> tuple[float | None, float | None]:
     return slope, inter
 
 
-def rescaled_pixels(data: bytes, source: str) -> np.ndarray:
+def rescaled_pixels(data: bytes, source: str, limits: Any = None) -> np.ndarray:
     """One DICOM file's pixels with rescale applied (used by slice-image folders)."""
     ds = read_dataset(data, source)
-    return scale_values(pixels(ds, source), *_rescale(ds))
+    return scale_values(pixels(ds, source, limits), *_rescale(ds))
 
 
 def _modality(ds: Any) -> str | None:
@@ -94,10 +136,10 @@ def _spacing_2d(ds: Any) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def decode_dicom_file(data: bytes, source: str) -> dict[str, Any]:
+def decode_dicom_file(data: bytes, source: str, limits: Any = None) -> dict[str, Any]:
     """A single DICOM file: one slice, or a multi-frame image taken in stored frame order."""
     ds = read_dataset(data, source)
-    arr = pixels(ds, source)
+    arr = pixels(ds, source, limits)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames == 1:
         arr = arr[None]
@@ -112,12 +154,16 @@ def decode_dicom_file(data: bytes, source: str) -> dict[str, Any]:
     }
 
 
-def decode_dicom_series(files: list[tuple[str, bytes]], source: str) -> dict[str, Any]:
+def decode_dicom_series(files: list[tuple[str, bytes]], source: str, limits: Any = None,
+                        deadline: Any = None) -> dict[str, Any]:
     """Decode a series (one file per slice) ordered by position along the slice normal.
 
     Args:
         files: (name, bytes) of every file in the series folder.
         source: the folder, for messages.
+        limits: a ``pipeline.io.limits.DecodeLimits``: the file count and every file's declared
+            image size (and their sum) are checked before any pixels are decoded.
+        deadline: a ``pipeline.io.limits.Deadline``, checked per file.
 
     Raises:
         VolumeError: no files, unreadable files, mixed series, missing or duplicate positions,
@@ -125,7 +171,21 @@ def decode_dicom_series(files: list[tuple[str, bytes]], source: str) -> dict[str
     """
     if not files:
         raise VolumeError(f"{source}: no DICOM files (zero slices)")
-    datasets = [(name, read_dataset(data, name)) for name, data in files]
+    if limits is not None and len(files) > limits.max_slices:
+        limits.check_declared(source, slices=len(files), height=1, width=1, nbytes=0,
+                              what="holds")
+    datasets = []
+    for name, data in files:
+        datasets.append((name, read_dataset(data, name)))
+        if deadline is not None:
+            deadline.check(source)
+    if limits is not None:
+        total = 0
+        for name, ds in datasets:
+            frames, rows, cols, nbytes = declared_pixels(ds, name)
+            limits.check_declared(name, slices=frames, height=rows, width=cols, nbytes=nbytes)
+            total += nbytes
+        limits.check_bytes(source, total, "declares")
     if len({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}) > 1:
         raise VolumeError(f"{source}: folder mixes several DICOM series; give one series folder")
     missing = [n for n, ds in datasets if "ImagePositionPatient" not in ds]
@@ -149,7 +209,7 @@ def decode_dicom_series(files: list[tuple[str, bytes]], source: str) -> dict[str
     if len(depth) > 1 and np.min(np.diff(depth)) < 1e-4:
         raise VolumeError(f"{source}: several DICOM files share a slice position (repeated slices?)")
     ordered = [datasets[i] for i in order]
-    stack = _stack_rescaled(ordered, source)  # (D, H, W[, 3])
+    stack = _stack_rescaled(ordered, source, deadline)  # (D, H, W[, 3])
     row_sp, col_sp = _spacing_2d(first)
     dz = float(np.median(np.diff(depth))) if len(depth) > 1 else float(
         first.get("SliceThickness", 1.0) or 1.0)
@@ -169,10 +229,13 @@ def decode_dicom_series(files: list[tuple[str, bytes]], source: str) -> dict[str
     }
 
 
-def _stack_rescaled(ordered: list[tuple[str, Any]], source: str) -> np.ndarray:
+def _stack_rescaled(ordered: list[tuple[str, Any]], source: str,
+                    deadline: Any = None) -> np.ndarray:
     slices = []
     shape = None
     for name, ds in ordered:
+        if deadline is not None:
+            deadline.check(source)
         arr = pixels(ds, name)
         if shape is None:
             shape, first_name = arr.shape, name

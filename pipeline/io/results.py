@@ -21,8 +21,9 @@ RESULT_SCHEMA = pa.schema([
     ("meteor", _F64), ("slices_total", _I64), ("slices_kept", _I64), ("tokens_total", _I64),
     ("tokens_kept", _I64), ("r_rate", _F64), ("t_load_s", _F64), ("t_iaf_s", _F64),
     ("t_vision_s", _F64), ("t_prefill_s", _F64), ("t_decode_s", _F64), ("t_total_s", _F64),
-    ("error", _STR),
+    ("error", _STR), ("error_kind", _STR),
     ("tokens_after_iaf", _I64), ("t_select_s", _F64), ("scorer", _STR), ("pruning", _STR),
+    ("engine", _STR),
     ("prompt", _STR), ("choices_json", _STR), ("volume_uri", _STR), ("kept_slices_json", _STR),
     ("kept_tokens_json", _STR), ("sample_index", _I64), ("infer_node", _STR),
     ("infer_pid", _I64), ("run_id", _STR),
@@ -43,6 +44,8 @@ def coerce_results(batch: pa.Table, run_id: str) -> pa.Table:
     for field in RESULT_SCHEMA:
         if field.name == "run_id":
             columns.append(pa.array([run_id] * n, _STR))
+        elif field.name == "error_kind":
+            columns.append(_error_kinds(batch, failed))
         elif field.name in batch.column_names:
             column = batch.column(field.name).cast(field.type)
             if failed is not None and field.name in _NULL_ON_ERROR:
@@ -51,6 +54,17 @@ def coerce_results(batch: pa.Table, run_id: str) -> pa.Table:
         else:
             columns.append(pa.nulls(n, field.type))
     return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)
+
+
+def _error_kinds(batch: pa.Table, failed: pa.ChunkedArray | None) -> pa.Array:
+    """``error_kind`` per row: as the stages wrote it ("transient" / "permanent"), else
+    "permanent" on a failed row (an error from a stage that does not classify) and ""."""
+    n = batch.num_rows
+    given = batch.column("error_kind").cast(_STR).to_pylist() if "error_kind" in \
+        batch.column_names else [None] * n
+    bad = failed.to_pylist() if failed is not None else [False] * n
+    return pa.array([(kind or "permanent") if is_bad else "" for kind, is_bad
+                     in zip(given, bad, strict=True)], _STR)
 
 
 def write_results(uri: str, table: pa.Table, storage: StorageOptions | None = None) -> None:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import IO, Any, Literal
+import random
+import time
+from collections.abc import Callable
+from typing import IO, Any, Literal, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 LOCAL_PROTOCOLS = ("", "file", "local")
+T = TypeVar("T")
 
 
 class StorageOptions(BaseModel):
@@ -315,3 +319,88 @@ def parent_uri(uri: str) -> str:
 def basename(uri: str) -> str:
     """The last path component of ``uri`` (without a trailing slash)."""
     return posixpath.basename(split_protocol(uri)[1].rstrip("/"))
+
+
+# --- telling storage outages from bad files ------------------------------------------------
+
+# Exception class names (botocore, aiohttp, urllib3, builtins) that mean "the store did not
+# answer": worth retrying later. Matched by name so this module needs none of those packages.
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "ConnectionError", "HTTPClientError", "ClientConnectorError",
+    "ClientConnectionError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+    "ClientPayloadError", "TimeoutError", "ConnectTimeout", "ReadTimeout", "NewConnectionError",
+    "ProtocolError", "IncompleteReadError", "ResponseStreamingError",
+})
+# The store answered, but the server side is misconfigured (no credentials): not the file's
+# fault, and fixed by an operator, so a later attempt may succeed too.
+_CREDENTIAL_NAMES = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "NoAuthTokenError", "UnauthorizedSSOTokenError",
+})
+_THROTTLING_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+    "RequestThrottled", "TooManyRequestsException", "ServiceUnavailable", "InternalError",
+    "503", "500", "502", "504", "429",
+})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts (at most 10, no cycles)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(seen) < 10 and not any(current is s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _client_error_transient(exc: BaseException) -> bool:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return code in _THROTTLING_CODES or int(status) >= 500 or int(status) == 429
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) says the server has no usable credentials."""
+    return any(type(e).__name__ in _CREDENTIAL_NAMES for e in _chain(exc))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a storage problem that a later attempt may not have: connection errors,
+    timeouts, throttling, 5xx answers, missing credentials (anywhere in the exception chain).
+
+    A bad file (corrupt, missing, forbidden, over a limit) is permanent: False.
+    """
+    for e in _chain(exc):
+        name = type(e).__name__
+        if name in _TRANSIENT_NAMES or name in _CREDENTIAL_NAMES:
+            return True
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if _client_error_transient(e):
+            return True
+    return False
+
+
+def call_with_retries(fn: Callable[[], T], *, retries: int, backoff_s: float,
+                      retry_if: Callable[[BaseException], bool] = is_transient,
+                      sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn``; on a retryable error wait ``backoff_s * 2**attempt`` (+ up to 25 % jitter)
+    and try again, at most ``retries`` more times. Other errors, and the last one, propagate.
+
+    Missing credentials are not retried here (each attempt may spend seconds probing for
+    them and they do not appear by themselves); they still count as transient for a resume.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= retries or not retry_if(exc) or is_credentials_error(exc):
+                raise
+            sleep(backoff_s * 2**attempt * (1 + 0.25 * random.random()))
+            attempt += 1

@@ -40,16 +40,21 @@ class VolumeError(ValueError):
 
 
 def gunzip(data: bytes, source: str, max_bytes: int | None = None) -> bytes:
-    """Decompress gzip ``data`` (isal when available), rejecting corrupt or truncated streams."""
+    """Decompress gzip ``data`` (isal when available), rejecting corrupt or truncated streams.
+
+    With ``max_bytes`` the output is capped while inflating (``pipeline.io.limits``): a bomb
+    stops at the cap, whatever its header claimed.
+    """
+    if max_bytes is not None:
+        from pipeline.io.limits import inflate_capped
+
+        return inflate_capped(data, "gzip", max_bytes, source)
     try:
-        out = gzip_impl.decompress(data)
+        return gzip_impl.decompress(data)
     except EOFError as err:
         raise VolumeError(f"{source}: truncated gzip stream ({err})") from err
     except (OSError, zlib.error, zlib_impl.error) as err:
         raise VolumeError(f"{source}: corrupt gzip stream ({err})") from err
-    if max_bytes is not None and len(out) > max_bytes:
-        raise VolumeError(f"{source}: decompresses to {len(out)} bytes, over the {max_bytes} cap")
-    return out
 
 
 def gunzip_head(data: bytes, nbytes: int, source: str) -> bytes:
@@ -147,29 +152,72 @@ def squeeze_to_3d(shape: tuple[int, ...], source: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def decode_npy(data: bytes, source: str) -> dict[str, Any]:
-    """Decode a ``.npy``: (D, H, W), (1, D, H, W) (M3D's channel-first) or (D, H, W, 3) uint8."""
+def declared_geometry(shape3: tuple[int, ...], xform: np.ndarray) -> tuple[int, int, int]:
+    """(slices, height, width) of voxel axes ``shape3`` once reoriented by ``xform``."""
+    out = [1, 1, 1]  # targets: 0 = x (width), 1 = y (height), 2 = z (slices)
+    for axis, (target, _flip) in enumerate(xform):
+        out[int(target)] = int(shape3[axis])
+    return out[2], out[1], out[0]
+
+
+def _npy_header(data: bytes, source: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header, without reading the array."""
+    fmt = np.lib.format
+    fh = io.BytesIO(data)
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+        else:  # 3.0 only adds UTF-8 field names (structured dtypes, refused anyway)
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise VolumeError(f"{source}: not a readable .npy array ({err})") from err
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def decode_npy(data: bytes, source: str, limits: Any = None) -> dict[str, Any]:
+    """Decode a ``.npy``: (D, H, W), (1, D, H, W) (M3D's channel-first) or (D, H, W, 3) uint8.
+
+    The header's shape and dtype are checked against ``limits`` (a
+    ``pipeline.io.limits.DecodeLimits``) before the array is read.
+    """
+    shape, dtype = _npy_header(data, source)
+    if dtype.kind not in "biuf":
+        raise VolumeError(f"{source}: unsupported dtype {dtype}; expected numbers")
+    dims = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    if not (len(dims) == 3 or (len(dims) == 4 and dims[-1] == 3)):
+        raise VolumeError(
+            f"{source}: expected shape (D, H, W), (1, D, H, W) or (D, H, W, 3), got {shape}"
+        )
+    if limits is not None:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        limits.check_declared(source, slices=dims[0], height=dims[1], width=dims[2],
+                              nbytes=nbytes)
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise VolumeError(f"{source}: not a readable .npy array ({err})") from err
     if not isinstance(arr, np.ndarray):
         raise VolumeError(f"{source}: expected one .npy array, got {type(arr).__name__}")
-    if arr.dtype.kind not in "biuf":
-        raise VolumeError(f"{source}: unsupported dtype {arr.dtype}; expected numbers")
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
-    elif not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
-        raise VolumeError(
-            f"{source}: expected shape (D, H, W), (1, D, H, W) or (D, H, W, 3), got {arr.shape}"
-        )
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     return {"array": np.ascontiguousarray(arr), "spacing": (1.0, 1.0, 1.0), "meta": {}}
 
 
-def decode_nrrd(data: bytes, source: str, max_bytes: int) -> dict[str, Any]:
-    """Decode an attached-header NRRD (raw or gzip encoding) with pynrrd."""
+_NRRD_CODECS = {"gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
+
+
+def decode_nrrd(data: bytes, source: str, max_bytes: int, limits: Any = None,
+                deadline: Any = None) -> dict[str, Any]:
+    """Decode an attached-header NRRD (raw, gzip or bzip2 encoding; text via pynrrd).
+
+    The header's sizes and type are checked against ``limits`` first; compressed data is
+    inflated here with an output cap of the declared size (pynrrd would inflate it whole).
+    """
     import nrrd
 
     fh = io.BytesIO(data)
@@ -181,22 +229,56 @@ def decode_nrrd(data: bytes, source: str, max_bytes: int) -> dict[str, Any]:
             )
         sizes = [int(s) for s in header.get("sizes", [])]
         dtype = nrrd.reader._determine_datatype(header)  # noqa: SLF001 - pynrrd has no public one
-        nbytes = int(np.prod(sizes, dtype=np.int64)) * dtype.itemsize
-        if nbytes > max_bytes:
-            raise VolumeError(f"{source}: NRRD declares {nbytes} bytes, over the {max_bytes} cap")
-        data_xyz = nrrd.read_data(header, fh, None, index_order="F")
     except VolumeError:
         raise
-    except Exception as err:  # pynrrd raises NRRDError, ValueError, zlib.error, ...
+    except Exception as err:  # pynrrd raises NRRDError, ValueError, ...
         raise VolumeError(f"{source}: corrupt or truncated NRRD ({type(err).__name__}: {err})") from err
-    squeeze_to_3d(data_xyz.shape, source)
-    if data_xyz.ndim != 3:
-        data_xyz = data_xyz.reshape(squeeze_to_3d(data_xyz.shape, source), order="F")
-    arr, spacing, codes = to_canonical(data_xyz, _nrrd_affine(header))
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    count = int(np.prod(sizes, dtype=np.int64))
+    nbytes = count * dtype.itemsize
+    if limits is None and nbytes > max_bytes:  # no limits: the stored-size cap bounds it
+        raise VolumeError(f"{source}: NRRD declares {nbytes} bytes, over the {max_bytes} cap")
+    shape3 = squeeze_to_3d(tuple(sizes), source)
+    affine = _nrrd_affine(header)
+    if limits is not None:
+        xform, _, _ = canonical_transform(affine)
+        slices, height, width = declared_geometry(shape3, xform)
+        limits.check_declared(source, slices=slices, height=height, width=width, nbytes=nbytes)
+    data_xyz = _nrrd_voxels(data, fh, header, dtype, count, source, deadline)
+    data_xyz = data_xyz.reshape(shape3, order="F")
+    arr, spacing, codes = to_canonical(data_xyz, affine)
+    arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     return {"array": arr, "spacing": spacing, "meta": {"orientation_in": codes}}
+
+
+def _nrrd_voxels(data: bytes, fh: io.BytesIO, header: dict[str, Any], dtype: np.dtype,
+                 count: int, source: str, deadline: Any) -> np.ndarray:
+    """The voxel values (flat, Fortran order) after the header at ``fh``'s position."""
+    import nrrd
+
+    encoding = str(header.get("encoding", "raw")).lower()
+    nbytes = count * dtype.itemsize
+    byte_skip = int(header.get("byte skip", header.get("byteskip", 0)) or 0)
+    line_skip = int(header.get("line skip", header.get("lineskip", 0)) or 0)
+    if encoding in _NRRD_CODECS and not line_skip and byte_skip >= 0:
+        from pipeline.io.limits import inflate_capped
+
+        raw = memoryview(inflate_capped(data[fh.tell():], _NRRD_CODECS[encoding],
+                                        nbytes + byte_skip, source, deadline))[byte_skip:]
+    elif encoding == "raw" and not line_skip:
+        raw = data[fh.tell():]
+        raw = raw[-nbytes:] if byte_skip == -1 else raw[byte_skip:]
+    else:  # text/hex encodings and line skips: pynrrd (its output size was checked above)
+        try:
+            return nrrd.read_data(header, fh, None, index_order="F").reshape(-1, order="F")
+        except Exception as err:
+            raise VolumeError(
+                f"{source}: corrupt or truncated NRRD ({type(err).__name__}: {err})") from err
+    if len(raw) < nbytes:
+        raise VolumeError(f"{source}: truncated NRRD: header declares {nbytes} data bytes, "
+                          f"file holds {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype, count=count)
 
 
 def _nrrd_affine(header: dict[str, Any]) -> np.ndarray:
@@ -220,20 +302,40 @@ def _nrrd_affine(header: dict[str, Any]) -> np.ndarray:
     return affine
 
 
-def decode_image(data: bytes, source: str) -> np.ndarray:
-    """One 2-D slice image -> (H, W) (grey, 8/16-bit) or (H, W, 3) uint8."""
+def decode_image(data: bytes, source: str, limits: Any = None) -> np.ndarray:
+    """One 2-D slice image -> (H, W) (grey, 8/16-bit) or (H, W, 3) uint8.
+
+    The image's declared size is read lazily (no pixels decoded) and checked against
+    ``limits.max_slice_pixels`` first. Pillow's own decompression-bomb check is made an error
+    explicitly (its default is only a warning below twice ``Image.MAX_IMAGE_PIXELS``).
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from pipeline.io.limits import VolumeLimitError
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(img)
-            elif img.mode == "1":
-                arr = np.asarray(img.convert("L"))
-            else:
-                arr = np.asarray(img.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if limits is not None:
+                    bands = len(img.getbands())
+                    limits.check_declared(source, slices=1, height=height, width=width,
+                                          nbytes=height * width * max(bands, 1))
+                img.load()
+                if img.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
+                    arr = np.asarray(img)
+                elif img.mode == "1":
+                    arr = np.asarray(img.convert("L"))
+                else:
+                    arr = np.asarray(img.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise VolumeLimitError(f"{source}: image too large ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, VolumeError):
+            raise
         raise VolumeError(f"{source}: corrupt or unreadable image ({err})") from err
     if arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
         arr = arr[..., 0]

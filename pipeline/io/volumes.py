@@ -27,6 +27,13 @@ from pipeline.io.dicom import (
     looks_like_dicom,
     rescaled_pixels,
 )
+from pipeline.io.limits import (
+    Deadline,
+    DecodeLimits,
+    VolumeLimitError,
+    as_limits,
+    read_capped,
+)
 from pipeline.io.nifti import decode_nifti
 from pipeline.io.storage import StorageOptions
 from pipeline.io.volume_decoders import (
@@ -170,6 +177,7 @@ def load_volume(
     max_bytes: int = DEFAULT_MAX_BYTES,
     slice_order: SliceOrder = "lexicographic",
     modality: str | None = None,
+    limits: DecodeLimits | dict | None = None,
 ) -> Volume:
     """Load a volume from a local path, ``file://`` or ``s3://`` URI.
 
@@ -178,28 +186,37 @@ def load_volume(
             or a ``.zip`` of such a folder.
         format: one of :data:`FORMATS` (or an alias); None detects it from the URI.
         storage: object-store options for ``s3://``.
-        max_bytes: cap on the stored size (file, or sum over a folder) and the decoded array.
+        max_bytes: cap on the stored size (file, or sum over a folder or a zip's members).
         slice_order: order of slice-image files: "lexicographic" (default, as the paper) or
             "natural".
         modality: override the modality; None reads DICOM's tag or guesses "CT" from HU-like
             values (minimum below -200), else "OT".
+        limits: decoded bytes, slices, pixels per slice and decoding time
+            (:class:`pipeline.io.limits.DecodeLimits`; None: its defaults), checked on the
+            sizes each format declares before anything is allocated.
 
     Raises:
         VolumeError: missing, corrupt or truncated input, unknown format, wrong dimensionality,
             NaN/inf values, zero slices, differing slice sizes, a DICOM series without positions,
-            or input over ``max_bytes``.
+            or input over ``max_bytes``; :class:`VolumeLimitError` (a VolumeError) when over
+            ``limits``. A storage failure is a VolumeError chained to the storage's exception,
+            or that exception itself (botocore's); ``pipeline.io.storage.is_transient`` tells
+            outages from bad files.
     """
+    limits = as_limits(limits)
     if uri.lower().endswith(".zip"):
         data = _read_file(uri, storage, max_bytes)
         return decode_volume(data, format or "zip", source=uri, max_bytes=max_bytes,
-                             slice_order=slice_order, modality=modality)
+                             slice_order=slice_order, modality=modality, limits=limits)
     fmt = normalise_format(format) if format else detect_format(uri, storage)
+    deadline = limits.deadline()
     if fmt in ("dicom", "slices") and format_from_name(uri) is None:
-        files = _read_folder(uri, fmt, storage, max_bytes)
-        decoded = _decode_files(files, fmt, uri, slice_order)
+        files = _read_folder(uri, fmt, storage, max_bytes, limits)
+        decoded = _decode_files(files, fmt, uri, slice_order, limits, deadline)
     else:
-        decoded = _decode_single(_read_file(uri, storage, max_bytes), fmt, uri, max_bytes)
-    return _finish(decoded, fmt, uri, max_bytes, modality)
+        data = _read_file(uri, storage, max_bytes)
+        decoded = _decode_single(data, fmt, uri, max_bytes, limits, deadline)
+    return _finish(decoded, fmt, uri, limits, modality)
 
 
 def decode_volume(
@@ -210,6 +227,7 @@ def decode_volume(
     max_bytes: int = DEFAULT_MAX_BYTES,
     slice_order: SliceOrder = "lexicographic",
     modality: str | None = None,
+    limits: DecodeLimits | dict | None = None,
 ) -> Volume:
     """Decode an uploaded volume held in memory (the HTTP service's path).
 
@@ -219,11 +237,13 @@ def decode_volume(
         format: one of :data:`FORMATS`, an alias, or a file name whose suffix gives it
             (``scan.nii.gz``; ``*.zip`` means a zipped DICOM or image folder).
         source: name used in error messages.
-        max_bytes, slice_order, modality: as in :func:`load_volume`.
+        max_bytes, slice_order, modality, limits: as in :func:`load_volume`.
 
     Raises:
         VolumeError: as :func:`load_volume`.
     """
+    limits = as_limits(limits)
+    deadline = limits.deadline()
     if len(data) > max_bytes:
         raise VolumeError(f"{source}: {len(data)} bytes, over the {max_bytes} cap")
     is_zip = data[:4] == b"PK\x03\x04"
@@ -233,17 +253,17 @@ def decode_volume(
         fmt = format_from_name(format) if "." in format.strip(".") else None
         fmt = fmt or normalise_format(format)
     if is_zip and fmt in (None, "dicom", "slices"):
-        files = _unzip(data, source, max_bytes)
+        files = _unzip(data, source, max_bytes, limits, deadline)
         if fmt is None:
             fmt = "slices" if any(n.lower().endswith(IMAGE_SUFFIXES) for n, _ in files) else "dicom"
-        decoded = _decode_files(files, fmt, source, slice_order)
+        decoded = _decode_files(files, fmt, source, slice_order, limits, deadline)
     elif fmt is None:
         raise VolumeError(f"{source}: not a zip archive although the format says zip")
     elif fmt == "slices":
-        decoded = {"array": decode_image(data, source)[None], "spacing": (1.0, 1.0, 1.0)}
+        decoded = {"array": decode_image(data, source, limits)[None], "spacing": (1.0, 1.0, 1.0)}
     else:
-        decoded = _decode_single(data, fmt, source, max_bytes)
-    return _finish(decoded, fmt, source, max_bytes, modality)
+        decoded = _decode_single(data, fmt, source, max_bytes, limits, deadline)
+    return _finish(decoded, fmt, source, limits, modality)
 
 
 def _read_file(uri: str, storage: StorageOptions | None, max_bytes: int) -> bytes:
@@ -259,7 +279,7 @@ def _read_file(uri: str, storage: StorageOptions | None, max_bytes: int) -> byte
 
 
 def _read_folder(
-    uri: str, fmt: str, storage: StorageOptions | None, max_bytes: int
+    uri: str, fmt: str, storage: StorageOptions | None, max_bytes: int, limits: DecodeLimits
 ) -> list[tuple[str, bytes]]:
     suffixes = DICOM_SUFFIXES if fmt == "dicom" else IMAGE_SUFFIXES + (".dcm",)
     try:
@@ -271,6 +291,9 @@ def _read_folder(
         chosen = [(u, s) for u, s in listed if not st.basename(u).startswith(".")]
     if not chosen:
         raise VolumeError(f"{uri}: folder holds no {fmt} files ({', '.join(suffixes)}): zero slices")
+    if len(chosen) > limits.max_slices:
+        raise VolumeLimitError(f"{uri}: folder holds {len(chosen)} files, over the limit of "
+                               f"{limits.max_slices} slices")
     total = sum(size for _, size in chosen)
     if total > max_bytes:
         raise VolumeError(f"{uri}: folder holds {total} bytes, over the {max_bytes} cap")
@@ -281,55 +304,89 @@ def _read_folder(
         raise VolumeError(f"{uri}: cannot read folder ({type(err).__name__}: {err})") from err
 
 
-def _unzip(data: bytes, source: str, max_bytes: int) -> list[tuple[str, bytes]]:
+def _unzip(data: bytes, source: str, max_bytes: int, limits: DecodeLimits,
+           deadline: Deadline) -> list[tuple[str, bytes]]:
+    """A zip's files, refused on the members' declared count and sizes before inflating, and
+    inflated with a cap on the actual output (a member may lie about its size)."""
+    cap = min(max_bytes, limits.max_decoded_bytes)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir() and "__MACOSX" not in i.filename
                      and not st.basename(i.filename).startswith(".")]
+            if len(infos) > limits.max_slices:
+                raise VolumeLimitError(f"{source}: zip holds {len(infos)} files, over the limit "
+                                       f"of {limits.max_slices} slices")
             total = sum(i.file_size for i in infos)
-            if total > max_bytes:
-                raise VolumeError(f"{source}: zip unpacks to {total} bytes, over the {max_bytes} cap")
-            return [(f"{source}/{i.filename}", zf.read(i)) for i in infos]
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+            if total > cap:
+                raise VolumeLimitError(f"{source}: zip unpacks to {total} bytes, over the limit "
+                                       f"of {cap} bytes")
+            files = []
+            for info in infos:
+                with zf.open(info) as member:
+                    name = f"{source}/{info.filename}"
+                    files.append((name, read_capped(member, cap - _total_read(files), name,
+                                                    deadline)))
+            return files
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as err:
         raise VolumeError(f"{source}: corrupt or truncated zip ({err})") from err
 
 
-def _decode_single(data: bytes, fmt: str, source: str, max_bytes: int) -> dict[str, Any]:
+def _total_read(files: list[tuple[str, bytes]]) -> int:
+    """Bytes held by ``(name, bytes)`` pairs."""
+    return sum(len(d) for _, d in files)
+
+
+def _decode_single(data: bytes, fmt: str, source: str, max_bytes: int, limits: DecodeLimits,
+                   deadline: Deadline) -> dict[str, Any]:
     if not data:
         raise VolumeError(f"{source}: empty file")
     if fmt == "nifti":
-        return decode_nifti(data, source, max_bytes)
+        if limits.is_unlimited:  # no checks at all (the benchmark's baseline)
+            return decode_nifti(data, source, 1 << 62)
+        return decode_nifti(data, source, max_bytes, limits, deadline)
     if fmt == "npy":
-        return decode_npy(data, source)
+        return decode_npy(data, source, limits)
     if fmt == "nrrd":
-        return decode_nrrd(data, source, max_bytes)
+        return decode_nrrd(data, source, max_bytes, limits, deadline)
     if fmt == "dicom":
-        return decode_dicom_file(data, source)
+        return decode_dicom_file(data, source, limits)
     raise VolumeError(f"{source}: format {fmt!r} needs a folder (or a zip of one)")
 
 
 def _decode_files(
-    files: list[tuple[str, bytes]], fmt: str, source: str, slice_order: SliceOrder
+    files: list[tuple[str, bytes]], fmt: str, source: str, slice_order: SliceOrder,
+    limits: DecodeLimits, deadline: Deadline,
 ) -> dict[str, Any]:
     if fmt == "dicom":
-        return decode_dicom_series([(n, d) for n, d in files if d], source)
+        return decode_dicom_series([(n, d) for n, d in files if d], source, limits, deadline)
     names = sort_slice_names([n for n, _ in files], slice_order)
     by_name = dict(files)
     if not names:
         raise VolumeError(f"{source}: no slice images (zero slices)")
-    slices = []
-    for name in names:
+    if len(names) > limits.max_slices:
+        raise VolumeLimitError(f"{source}: {len(names)} slice files, over the limit of "
+                               f"{limits.max_slices} slices")
+    out: np.ndarray | None = None
+    for k, name in enumerate(names):
+        deadline.check(source)
         data = by_name[name]
         if name.lower().endswith(DICOM_SUFFIXES) or looks_like_dicom(data):
-            slices.append(rescaled_pixels(data, name))
+            image = rescaled_pixels(data, name, limits)
         else:
-            slices.append(decode_image(data, name))
-        if slices[-1].shape != slices[0].shape:
+            image = decode_image(data, name, limits)
+        if out is None:  # every slice must match the first: the whole stack is known now
+            limits.check_bytes(source, image.nbytes * len(names), "would decode to")
+            out = np.empty((len(names), *image.shape), dtype=image.dtype)
+            first = names[0]
+        elif image.shape != out.shape[1:]:
             raise VolumeError(
-                f"{source}: slices of different sizes: {names[0]} is {slices[0].shape}, "
-                f"{name} is {slices[-1].shape}"
+                f"{source}: slices of different sizes: {first} is {out.shape[1:]}, "
+                f"{name} is {image.shape}"
             )
-    return {"array": np.stack(slices), "spacing": (1.0, 1.0, 1.0),
+        if image.dtype != out.dtype:  # e.g. rescaled DICOM slices of different integer ranges
+            out = out.astype(np.result_type(out.dtype, image.dtype))
+        out[k] = image
+    return {"array": out, "spacing": (1.0, 1.0, 1.0),
             "meta": {"slice_files": len(names), "slice_order": slice_order}}
 
 
@@ -345,15 +402,15 @@ def guess_modality(array: np.ndarray) -> str:
 
 
 def _finish(
-    decoded: dict[str, Any], fmt: str, source: str, max_bytes: int, modality: str | None
+    decoded: dict[str, Any], fmt: str, source: str, limits: DecodeLimits, modality: str | None
 ) -> Volume:
     arr = decoded["array"]
     if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
         raise VolumeError(f"{source}: expected (D, H, W) or (D, H, W, 3), got shape {arr.shape}")
     if min(arr.shape) == 0:
         raise VolumeError(f"{source}: empty volume, shape {arr.shape} (zero slices)")
-    if arr.nbytes > max_bytes:
-        raise VolumeError(f"{source}: decoded volume is {arr.nbytes} bytes, over the {max_bytes} cap")
+    limits.check_declared(source, slices=arr.shape[0], height=arr.shape[1], width=arr.shape[2],
+                          nbytes=arr.nbytes, what="decoded to")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise VolumeError(f"{source}: {bad} voxels are NaN or infinite")

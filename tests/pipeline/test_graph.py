@@ -18,6 +18,7 @@ import pytest
 from pipeline.graph import (
     OutputConflictError,
     _check_compatible,
+    error_summary,
     expand_rows,
     pending,
     run_evaluation,
@@ -66,7 +67,7 @@ def test_expand_rows_is_method_major_with_prompts(data: dict[str, str]) -> None:
     assert len(rows) == 2 * len(records)
     assert [r["method"] for r in rows] == ["original"] * len(records) + ["medpruner"] * len(records)
     assert rows[0]["prompt"] and rows[0]["model"] == "tiny:qwen2_5_vl"
-    assert json.loads(rows[-1]["pruning"])["method"] == "medpruner"
+    assert rows[-1]["pruning"] == "medpruner"  # a reference to the method, not its config
     twice = expand_rows(config, [records[0], records[0]])
     assert [r["id"] for r in twice[:2]] == [records[0].id, f"{records[0].id}~1"]
 
@@ -81,6 +82,52 @@ def test_pending_skips_finished_pairs_and_optionally_retries_errors() -> None:
     existing = _rows([("x", "a", ""), ("y", "a", "load: bad")])
     assert [(r["id"], r["method"]) for r in pending(rows, existing, False)] == [("x", "b"), ("y", "b")]
     assert len(pending(rows, existing, True)) == 3
+
+
+def test_resume_retries_transient_rows_by_default_and_permanent_ones_on_request() -> None:
+    rows = [{"id": i, "method": "a"} for i in ("x", "y", "z")]
+    table = coerce_results(pa.table({
+        "id": ["x", "y", "z"], "method": ["a"] * 3,
+        "error": ["", "load: EndpointConnectionError: down", "load: VolumeError: corrupt"],
+        "error_kind": ["", "transient", "permanent"]}), "r1")
+    assert table.column("error_kind").to_pylist() == ["", "transient", "permanent"]
+    assert [r["id"] for r in pending(rows, table, retry_errors=False)] == ["y"]
+    assert [r["id"] for r in pending(rows, table, False, retry_transient=False)] == []
+    assert [r["id"] for r in pending(rows, table, retry_errors=True)] == ["y", "z"]
+    later = pa.concat_tables([table, coerce_results(pa.table({
+        "id": ["y"], "method": ["a"], "error": [""]}), "r2")])
+    assert pending(rows, later, retry_errors=False) == []  # the last row per pair decides
+    assert error_summary(table) == ("2 of 3 rows failed: transient load: EndpointConnectionError "
+                                    "x1; permanent load: VolumeError x1")
+
+
+def test_an_error_rate_over_the_limit_fails_the_job(tmp_path: Path, monkeypatch, capsys) -> None:
+    import jobs.evaluate
+    import pipeline.graph
+    from pipeline.graph import EvalResult
+
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"output": str(tmp_path / "out"),
+                                  "dataset": {"uri": "synthetic", "format": "jsonl"},
+                                  "model": "tiny:qwen2_5_vl", "methods": ["original"]}))
+    monkeypatch.setattr(jobs.evaluate, "connect_ray", lambda config: "test")
+    monkeypatch.setattr(jobs.evaluate, "warn_missing_gpus", lambda config: None)
+
+    def finished(errors: int, transient: int):
+        return lambda config: EvalResult(
+            "out", "out/results.parquet", {"methods": {}}, 10, 10, errors, 1.0,
+            f"{errors} of 10 rows failed: transient load: EndpointConnectionError x{errors}",
+            transient)
+
+    monkeypatch.setattr("pipeline.metrics.summary.summary_markdown", lambda s: "")
+    monkeypatch.setattr(pipeline.graph, "run_evaluation", finished(6, 6))
+    assert jobs.evaluate.main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "over run.max_error_rate=0.5" in err[0]
+    assert "EndpointConnectionError x6" in err[0] and "re-run" in err[0]
+    monkeypatch.setattr(pipeline.graph, "run_evaluation", finished(5, 0))
+    assert jobs.evaluate.main(["--config", str(config)]) == 0
+    assert jobs.evaluate.main(["--config", str(config), "run.max_error_rate=0.4"]) == 1
 
 
 def test_merge_keeps_last_row_per_pair_in_row_order() -> None:
@@ -181,6 +228,7 @@ def test_local_run_survives_a_killed_model_actor_and_a_corrupt_volume(
     assert all(isinstance(p, str) for p in ok.column("prediction").to_pylist())
     medpruner = [r for r in ok.to_pylist() if r["method"] == "medpruner"]
     assert all(0 < r["r_rate"] <= 1 for r in medpruner)
+    assert {json.loads(r["pruning"])["tau"] for r in medpruner} == {0.9}  # the full config
     summary = json.loads(Path(data["root"], "local", "summary.json").read_text())
     assert summary["methods"]["original"]["quality_pct"] == pytest.approx(100.0)
     assert summary["methods"]["medpruner"]["errors"] == 1

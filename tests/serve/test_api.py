@@ -124,7 +124,7 @@ def test_multipart_and_visualize(client):
 
 
 def test_chat_streaming_events(client):
-    body = {"model": "medpruner-tiny-qwen2_5_vl", "stream": True, "messages": [
+    body = {"model": "medpruner-phantom", "stream": True, "messages": [
         {"role": "user", "content": [
             {"type": "input_volume", "volume": _body()["volume"]},
             {"type": "text", "text": "Which organ?"}]}]}
@@ -153,3 +153,41 @@ def test_chat_parsing_rules():
     with pytest.raises(ValueError, match="not a volume"):
         chat_to_analyze(ChatRequest.model_validate({"model": "m", "messages": [
             {"role": "user", "content": [png, {"type": "text", "text": "q"}]}]}))
+
+
+def test_deep_json_is_400_never_500(client):
+    for deep in (b"[" * 2000 + b"]" * 2000, b'{"a":' * 40 + b"1" + b"}" * 40):
+        r = client.post("/v1/analyze", content=deep,
+                        headers=AUTH | {"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json", r.text
+    files = {"volume": ("ct.npy", _npy(), "application/octet-stream")}
+    data = {"question": "q", "task": "open", "pruning": '{"a":' * 40 + "1" + "}" * 40}
+    r = client.post("/v1/analyze", files=files, data=data, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+
+
+def test_prompt_budget_covers_question_and_choices():
+    cfg = parse_app_args({"limits.max_prompt_chars": "200", "limits.max_body_bytes": "65536"})
+    backend = FakeBackend()
+    with TestClient(create_app(cfg, backend), raise_server_exceptions=False) as tc:
+        choices = {letter: "x" * 60 for letter in "ABCD"}  # each short, together over budget
+        r = tc.post("/v1/analyze", json=_body(choices=choices))
+        assert r.status_code == 413 and r.json()["error"]["type"] == "prompt_too_long"
+        assert tc.post("/v1/analyze", json=_body()).status_code == 200
+    assert len(backend.jobs) == 1
+
+
+def test_pruning_values_out_of_range_are_invalid_pruning(client):
+    for pruning in ({"method": "random", "seed": 2**80},
+                    {"method": "hiprune", "hiprune_object_layer": 10**6}):
+        r = client.post("/v1/analyze", json=_body(pruning=pruning), headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_pruning", r.text
+
+
+def test_docs_need_no_token_only_when_none_is_set(client):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 404  # a token is set: the docs are off
+    cfg = parse_app_args({"access.api_token_env": None})
+    with TestClient(create_app(cfg, FakeBackend())) as open_client:
+        assert open_client.get("/openapi.json").status_code == 200
+        assert open_client.get("/docs").status_code == 200

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.io import storage as st
+from pipeline.io.limits import DecodeLimits, VolumeLimitError
 from pipeline.io.volumes import FORMATS, VolumeError, decode_volume, detect_format, load_volume
 from pipeline.io.writers import dicom_series_bytes, nifti_bytes, npy_bytes, png_bytes, write_volume
 
@@ -202,8 +203,9 @@ def test_bad_folders_and_caps(tmp_path, hu_volume):
     uri, _ = _write(hu_volume, str(tmp_path), "nifti", "big.nii.gz")
     with pytest.raises(VolumeError, match="cap"):
         load_volume(uri, max_bytes=100)
-    with pytest.raises(VolumeError, match="cap"):  # small file, large declared voxel data
-        load_volume(uri, max_bytes=st.file_size(uri) + 10)
+    small = DecodeLimits(max_decoded_bytes=hu_volume.nbytes - 1)  # decoded size: the limits
+    with pytest.raises(VolumeLimitError, match="over the limit"):  # small file, large voxels
+        load_volume(uri, max_bytes=st.file_size(uri) + 10, limits=small)
     with pytest.raises(VolumeError, match="cannot read"):
         load_volume(str(tmp_path / "missing.nii.gz"))
     with pytest.raises(VolumeError, match="valid: nifti"):
