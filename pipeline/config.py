@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.datasets.records import DATASET_FORMATS
 from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
 from pruning.methods import PruningField
@@ -93,7 +94,7 @@ class DatasetConfig(StrictModel):
 
     uri: str = Field(
         description="manifest path or s3:// URI; 'synthetic' builds a small synthetic dataset "
-        "in cache_dir (pipeline.synthetic.ct.make_dataset) in the given format; 'phantom' builds "
+        "in cache_dir (pipeline.synthetic.datasets.make_dataset) in the given format; 'phantom' builds "
         "the phantom VQA benchmark's held-out split (pipeline.synthetic.phantom_vqa, format jsonl)"
     )
     format: str = Field(description="manifest format, one of pipeline.datasets.records.DATASET_FORMATS")
@@ -110,7 +111,6 @@ class DatasetConfig(StrictModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from pipeline.datasets.records import DATASET_FORMATS
 
         if value not in DATASET_FORMATS:
             raise ValueError(f"unknown format {value!r}; valid: {', '.join(sorted(DATASET_FORMATS))}")
@@ -133,6 +133,10 @@ class ModelConfig(StrictModel):
     )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="what generates from the pruned tokens: 'hf' (transformers "
+        "generate, the parity reference) or 'vllm' (vLLM continuous batching, Qwen families); "
+        "'auto' is vllm when it is installed and a GPU is present, else hf")
     slice_size: tuple[int, int] | None = Field(
         None, description="(height, width): resize every volume as the checkpoint's processor "
         "would resize a slice of this size (uniform batches; token counts then differ from the "

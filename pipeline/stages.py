@@ -203,6 +203,7 @@ class InferStage:
     the slice plans the load stage made (``slice_indices``, ``slices_total``, ``iaf_kept``);
     if a group fails, its rows are retried one by one so a single bad sample only costs its
     own row. A row's ``max_new_tokens`` column, when present, overrides the stage default.
+    ``engine`` (``hf``, ``vllm`` or ``auto``) says what generates; every row reports it.
     The bulky ``slices`` column is dropped from the output unless ``keep_slices`` is set.
     """
 
@@ -219,11 +220,12 @@ class InferStage:
         keep_slices: bool = False,
         methods: Mapping[str, PruningConfig] | None = None,
         slice_size: tuple[int, int] | None = None,
+        engine: str = "auto",
     ) -> None:
         from pruning.runtime.vlm import load_vlm
 
         self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
-                            slice_size=slice_size)
+                            slice_size=slice_size, engine=engine)
         self.max_new_tokens = max_new_tokens
         self.keep_slices = keep_slices
         self.methods = _Methods(methods)
@@ -311,6 +313,7 @@ class InferStage:
         out.update(counts)
         out.update(floats)
         out.update(
+            engine=np.asarray([self.vlm.engine.name] * n, dtype=object),
             prediction=np.asarray(prediction, dtype=object),
             kept_tokens_json=np.asarray(kept_tokens, dtype=object),
             kept_slices_json=np.asarray(kept_slices, dtype=object),

@@ -142,6 +142,10 @@ class ServeAppConfig(StrictModel):
     dtype: str | None = Field(None, description="torch dtype name (None: model default)")
     pruning: PruningField = Field(default_factory=PruningConfig,
                                   description="default pruning; requests override fields")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="'hf' (transformers generate, @serve.batch windows) or 'vllm' "
+        "(vLLM's async engine, continuous batching); 'auto' is vllm with a GPU and vllm "
+        "installed, else hf")
     slice_size: tuple[int, int] | None = Field(
         None, description="(height, width): resize every volume as the processor would a slice "
         "of this size (None: each volume from its own size, as the processor does)")

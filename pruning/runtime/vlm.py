@@ -35,6 +35,7 @@ from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters import create_adapter, family_for_config
 from pruning.runtime.adapters.base import Adapter, synchronize
 from pruning.runtime.checkpoints import resolve_checkpoint
+from pruning.runtime.engines import resolve_engine
 from pruning.runtime.engines.hf import HFEngine
 from pruning.runtime.recipe import (
     SliceRecipe,
@@ -259,7 +260,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
              slice_size: tuple[int, int] | None = None, window: str = "soft_tissue",
              rgb_packing: bool = False, vision_batch_size: int = 32,
-             cache_dir: str | None = None) -> VLM:
+             cache_dir: str | None = None, engine: str = "hf",
+             engine_options: dict[str, Any] | None = None) -> VLM:
     """Load a checkpoint directory (or a cached hub id) as a :class:`VLM`; never downloads.
 
     Args:
@@ -272,6 +274,10 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
             by default each volume is resized from its own slice size, as the processor does.
         vision_batch_size: slices per vision-tower call (bounds activation memory).
         cache_dir: where ``tiny:`` checkpoints are built.
+        engine: ``hf`` (transformers ``generate``), ``vllm`` (vLLM runs the language model;
+            only the vision tower is kept here) or ``auto`` (see
+            :func:`pruning.runtime.engines.resolve_engine`).
+        engine_options: keyword arguments of the ``vllm`` engine (e.g. ``max_num_seqs``).
 
     Raises:
         FileNotFoundError: the checkpoint is not available locally.
@@ -281,17 +287,34 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
 
     ckpt = resolve_checkpoint(model, cache_dir=cache_dir)
     config = json.loads((ckpt / "config.json").read_text())
-    adapter = create_adapter(family_for_config(config))
+    family = family_for_config(config)
+    engine = resolve_engine(engine)
+    if engine == "vllm":
+        # Imported here: vLLM is an optional extra and takes seconds to import.
+        from pruning.runtime.engines.vllm_engine import check_supported
+
+        check_supported(family)  # before any weight is loaded
+    adapter = create_adapter(family)
     dev = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    net = adapter.load_model(ckpt, device=dev, dtype=dtype,
-                             attn_implementation=attn_implementation or _attn_for(dev))
+    # With vllm the language model is loaded on the CPU only to be dropped before the tower
+    # moves to the device: the device never holds a second copy of it.
+    net = adapter.load_model(ckpt, device=torch.device("cpu") if engine == "vllm" else dev,
+                             dtype=dtype, attn_implementation=attn_implementation or _attn_for(dev))
+    if engine == "vllm":
+        adapter.drop_language_model(net)
+        net.to(dev)
     adapter.bind(net)
     processor = adapter.load_processor(ckpt)
     recipe = recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,
                                  window=window, rgb_packing=rgb_packing)
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
-    return VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)
+    vlm = VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)
+    if engine == "vllm":
+        from pruning.runtime.engines.vllm_engine import VLLMEngine
+
+        vlm.engine = VLLMEngine(ckpt, dtype=dtype, **(engine_options or {}))
+    return vlm

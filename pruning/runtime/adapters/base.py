@@ -50,6 +50,12 @@ class Adapter(ABC):
                                     local_files_only=True)
         return model.to(device).eval()
 
+    def drop_language_model(self, model: nn.Module) -> None:
+        """Free the language model's weights (moved to the meta device): the ``vllm`` engine
+        runs it; the vision tower, projector and config stay usable here."""
+        model.model.language_model.to("meta")
+        model.lm_head.to("meta")
+
     @abstractmethod
     def load_processor(self, ckpt: Path) -> Any:
         """The checkpoint's processor (tokenizer + image processor + chat template)."""
