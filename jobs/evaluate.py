@@ -18,6 +18,9 @@ import sys
 
 from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit, warn_missing_gpus
 from pipeline.config import ConfigError
+from pipeline.datasets.records import DatasetError
+from pipeline.graph import OutputConflictError, run_evaluation
+from pipeline.metrics.summary import summary_markdown
 
 EXIT_FAILED = 1
 
@@ -44,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medpruner: Ray: {where}", flush=True)
     warn_missing_gpus(config)
 
-    from pipeline.datasets.records import DatasetError
-    from pipeline.graph import OutputConflictError, run_evaluation
-    from pipeline.metrics.summary import summary_markdown
 
     try:
         result = run_evaluation(config)

@@ -36,6 +36,8 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import PHANTOM, SYNTHETIC, ConfigError, EvalConfig, StageResources
+from pipeline.datasets.prompts import build_prompt
+from pipeline.datasets.records import read_records
 from pipeline.io.results import (
     coerce_results,
     merge_results,
@@ -46,6 +48,8 @@ from pipeline.io.storage import exists, join_uri, read_bytes, write_bytes
 from pipeline.metrics.summary import summarize_results, summary_markdown
 from pipeline.progress import Progress
 from pipeline.stages import InferStage, LoadStage, ScoreStage
+from pipeline.synthetic.datasets import make_dataset
+from pipeline.synthetic.phantom_vqa import write_benchmark
 
 
 class LoadActor(LoadStage):
@@ -101,7 +105,6 @@ def resolve_manifest(config: EvalConfig) -> str:
     and the phantom VQA benchmark's held-out split when ``dataset.uri: phantom``."""
     ds = config.dataset
     if ds.uri == PHANTOM:
-        from pipeline.synthetic.phantom_vqa import write_benchmark
 
         if "://" in config.cache_path():
             raise ConfigError(f"dataset.uri 'phantom' is written into cache_dir, which must be a "
@@ -119,7 +122,6 @@ def resolve_manifest(config: EvalConfig) -> str:
         return str(manifest)
     if ds.uri != SYNTHETIC:
         return ds.uri
-    from pipeline.synthetic.datasets import make_dataset
 
     folder = join_uri(config.cache_path(), "datasets", f"{ds.format}-n{ds.synthetic_volumes}-s{ds.seed}")
     marker = join_uri(folder, "medpruner-synthetic.json")
@@ -137,7 +139,6 @@ def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
     A row names its method (``pruning`` = the method's name); the stages hold the typed
     configs (``stage_specs``), so no config travels with the rows.
     """
-    from pipeline.datasets.prompts import build_prompt
 
     seen: dict[str, int] = {}
     samples = []
@@ -330,7 +331,6 @@ def run_evaluation(
         OutputConflictError: the output holds results of another model or method definition.
         RuntimeError: the merged results do not hold exactly samples x methods rows.
     """
-    from pipeline.datasets.records import read_records
 
     say = log or (lambda line: print(line, flush=True))
     started = time.monotonic()

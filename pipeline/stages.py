@@ -22,10 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.storage import StorageOptions
+from pipeline.io.limits import as_limits
+from pipeline.io.storage import StorageOptions, call_with_retries, is_transient
+from pipeline.io.volumes import decode_volume, load_volume
+from pipeline.metrics.scorers import ensure_wordnet, score_sample
 from pruning.methods import PruningConfig, SlicePlan
 from pruning.runtime.checkpoints import resolve_checkpoint
-from pruning.runtime.vlm import MODEL_TIMING_KEYS
+from pruning.runtime.recipe import load_recipe
+from pruning.runtime.vlm import MODEL_TIMING_KEYS, load_vlm
 
 Batch = dict[str, np.ndarray]
 # The ``pruning`` column holds a method's name (a key of the stage's ``methods``) or, in Serve,
@@ -130,8 +134,6 @@ class LoadStage:
         transient_retries: int = 3,
         retry_backoff_s: float = 1.0,
     ) -> None:
-        from pipeline.io.limits import as_limits
-        from pruning.runtime.recipe import load_recipe
 
         self.limits = as_limits(limits)
         self.transient_retries, self.retry_backoff_s = transient_retries, retry_backoff_s
@@ -141,8 +143,6 @@ class LoadStage:
         self.methods = _Methods(methods)
 
     def _volume(self, batch: Batch, i: int) -> Any:
-        from pipeline.io.storage import call_with_retries
-        from pipeline.io.volumes import decode_volume, load_volume
 
         fmt = _str(batch["volume_format"][i]) or None
         inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
@@ -165,7 +165,6 @@ class LoadStage:
         return kept, plan, t1 - t0, time.perf_counter() - t1
 
     def __call__(self, batch: Batch) -> Batch:
-        from pipeline.io.storage import is_transient
 
         n = check_columns(batch, self.required_columns, "LoadStage")
         errors = _incoming_errors(batch, n)
@@ -222,7 +221,6 @@ class InferStage:
         slice_size: tuple[int, int] | None = None,
         engine: str = "auto",
     ) -> None:
-        from pruning.runtime.vlm import load_vlm
 
         self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
                             slice_size=slice_size, engine=engine)
@@ -332,7 +330,6 @@ class ScoreStage:
     required_columns = ("prediction", "answer", "task", "error")
 
     def __init__(self, *, scorer: str = "reference") -> None:
-        from pipeline.metrics.scorers import ensure_wordnet, score_sample
 
         ensure_wordnet()
         self.scorer = scorer
@@ -340,7 +337,6 @@ class ScoreStage:
         score_sample("left lung", "left lung", "open", scorer=scorer)
 
     def __call__(self, batch: Batch) -> Batch:
-        from pipeline.metrics.scorers import score_sample
 
         n = check_columns(batch, self.required_columns, "ScoreStage")
         errors = _incoming_errors(batch, n)

@@ -26,6 +26,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.config import format_validation_error
+from pipeline.datasets.prompts import build_prompt
+from pipeline.io.volumes import FORMATS, VolumeError, format_from_name, normalise_format
 from pruning import PruningConfig
 from serve.chat import ChatRequest, chat_body, chat_stream, chat_to_analyze
 from serve.config import ServeAppConfig
@@ -37,6 +40,7 @@ from serve.security import (
     resolve_volume_uri,
     safe_text,
 )
+from serve.visualize import render_kept_tokens
 
 logger = logging.getLogger("medpruner.serve")
 JSON_TYPES = ("application/json",)
@@ -116,12 +120,9 @@ def error_response(error: ApiError, request_id: str | None = None) -> JSONRespon
 
 
 def validation_message(exc: ValidationError) -> str:
-    """``field.path: message`` for each problem, joined with '; '."""
-    parts = []
-    for item in exc.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}")
-    return safe_text("; ".join(parts), 1000)
+    """``field.path: message`` for each problem, joined with '; ' (the client's values are not
+    echoed back)."""
+    return safe_text(format_validation_error(exc, root="body", show_input=False), 1000)
 
 
 def parse_model(model: type[BaseModel], data: Any) -> Any:
@@ -207,7 +208,6 @@ def volume_format(fmt: str | None) -> str | None:
     Raises:
         ApiError: 400 naming the valid formats.
     """
-    from pipeline.io.volumes import FORMATS, VolumeError, normalise_format
 
     if fmt is None or not fmt.strip():
         return None
@@ -222,7 +222,6 @@ def volume_format(fmt: str | None) -> str | None:
 
 def format_from_filename(filename: str | None) -> str | None:
     """The format an upload's file name implies (``ct.nii.gz`` -> nifti, ``*.zip`` -> zip)."""
-    from pipeline.io.volumes import format_from_name
 
     if not filename:
         return None
@@ -239,7 +238,6 @@ class RequestBuilder:
             upload: bytes | None = None, upload_format: str | None = None,
             want_slices: bool = False) -> AnalysisJob:
         """Build the job; ``volume`` (JSON) or ``upload`` (multipart bytes) names the volume."""
-        from pipeline.datasets.prompts import build_prompt
 
         limits = self.cfg.limits
         if len(fields.question) > limits.max_question_chars:
@@ -363,7 +361,6 @@ class Service:
 
     async def visualize(self, request: Request) -> Response:
         """POST /v1/visualize: PNG of the kept slices with kept tokens outlined."""
-        from serve.visualize import render_kept_tokens
 
         self.authorize(request)
         job, _ = await self.parse_analyze(request, want_slices=True)

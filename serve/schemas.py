@@ -12,15 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from pipeline.config import StrictModel
 
 Task = Literal["closed", "open", "report"]
-
-
-class StrictModel(BaseModel):
-    """Base of every request schema: unknown keys are errors (422)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class VolumeRef(StrictModel):

@@ -16,27 +16,23 @@ integers and the result fits, otherwise float32. Never float64.
 
 from __future__ import annotations
 
-import gzip
 import io
 import zlib
 from typing import Any
 
 import numpy as np
 
-try:  # isal's igzip decodes gzip 2-3x faster than zlib; fall back when it is missing
-    from isal import igzip as gzip_impl
-    from isal import isal_zlib as zlib_impl
-except ImportError:  # pragma: no cover - isal is a declared dependency
-    gzip_impl = gzip  # type: ignore[assignment]
-    zlib_impl = zlib  # type: ignore[assignment]
+from pipeline.io.limits import (
+    VolumeError,
+    VolumeLimitError,
+    gzip_impl,
+    inflate_capped,
+    zlib_impl,
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CANONICAL_AXCODES = ("L", "P", "S")  # voxel axes (x, y, z) point to patient Left, Posterior, Superior
-
-
-class VolumeError(ValueError):
-    """A volume could not be read: the message names the source and what is wrong."""
 
 
 def gunzip(data: bytes, source: str, max_bytes: int | None = None) -> bytes:
@@ -46,8 +42,6 @@ def gunzip(data: bytes, source: str, max_bytes: int | None = None) -> bytes:
     stops at the cap, whatever its header claimed.
     """
     if max_bytes is not None:
-        from pipeline.io.limits import inflate_capped
-
         return inflate_capped(data, "gzip", max_bytes, source)
     try:
         return gzip_impl.decompress(data)
@@ -262,8 +256,6 @@ def _nrrd_voxels(data: bytes, fh: io.BytesIO, header: dict[str, Any], dtype: np.
     byte_skip = int(header.get("byte skip", header.get("byteskip", 0)) or 0)
     line_skip = int(header.get("line skip", header.get("lineskip", 0)) or 0)
     if encoding in _NRRD_CODECS and not line_skip and byte_skip >= 0:
-        from pipeline.io.limits import inflate_capped
-
         raw = memoryview(inflate_capped(data[fh.tell():], _NRRD_CODECS[encoding],
                                         nbytes + byte_skip, source, deadline))[byte_skip:]
     elif encoding == "raw" and not line_skip:
@@ -312,8 +304,6 @@ def decode_image(data: bytes, source: str, limits: Any = None) -> np.ndarray:
     import warnings
 
     from PIL import Image, UnidentifiedImageError
-
-    from pipeline.io.limits import VolumeLimitError
 
     try:
         with warnings.catch_warnings():

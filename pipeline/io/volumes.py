@@ -44,21 +44,6 @@ from pipeline.io.volume_decoders import (
     decode_nrrd,
 )
 
-# CT windowing lives in pruning.ops.windowing (the model recipes use it); it is re-exported here
-# lazily, because importing the ``pruning`` package imports torch, which the data path does
-# not otherwise need.
-_WINDOWING_NAMES = ("MEDGEMMA_RGB_WINDOWS", "WINDOWS", "apply_named_window", "apply_window",
-                    "pack_three_windows", "to_uint8_minmax", "window_range")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WINDOWING_NAMES:
-        from pruning.ops import windowing
-
-        return getattr(windowing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 FORMATS: dict[str, str] = {
     "nifti": ".nii or .nii.gz file (NIfTI-1/2), reoriented to canonical axial",
     "npy": ".npy array, (D, H, W), (1, D, H, W) or (D, H, W, 3), taken as is",

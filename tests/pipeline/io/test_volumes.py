@@ -239,7 +239,7 @@ def test_decode_uploads(tmp_path, hu_volume):
 def test_real_chest_ct_end_to_end(lung_ct_nrrd, tmp_path):
     import nrrd
 
-    from pipeline.io.volumes import apply_named_window, pack_three_windows
+    from pruning.ops.windowing import apply_named_window, pack_three_windows
 
     vol = load_volume(str(lung_ct_nrrd))
     assert vol.array.shape == (48, 512, 512) and vol.array.dtype == np.int16
