@@ -121,6 +121,8 @@ def deployment_options(spec: DeploymentOptions, log_level: str) -> dict[str, Any
 
 def _limited_load_stage(cfg: ServeAppConfig) -> Any:
     """A LoadStage that refuses decoded volumes above the slice/side limits (413)."""
+    # Imported here, as in ModelServer: the stages pull in torch and transformers, which the
+    # ingress replica (it imports this module too) never needs.
     from pipeline.stages import LoadStage
 
     class LimitedLoadStage(LoadStage):
@@ -173,7 +175,7 @@ class ModelServer:
     """Model deployment: one InferStage (one model) per replica, ``@serve.batch``-ed."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
-        from pipeline.stages import InferStage
+        from pipeline.stages import InferStage  # torch + transformers: see _limited_load_stage
 
         logging.getLogger("medpruner").setLevel(cfg.log_level)
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
