@@ -1,4 +1,4 @@
-"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality}``.
+"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions}``.
 
 Benchmarks print ratios measured side by side in one run; they never assert timings.
 """
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "pipeline": "Ray Data pipeline vs an in-process loop; model-actor scaling",
     "serve": "HTTP latency and throughput with and without @serve.batch",
     "quality": "phantom benchmark: accuracy, R-Rate and lesion recall per method",
+    "lesions": "inserted lesions in real CT / MRI: lesion-slice recall per slice filter at matched budgets",
 }
 
 

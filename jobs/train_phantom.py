@@ -28,6 +28,7 @@ from jobs.phantom_batches import (
     use_batched_vision_attention,
 )
 from pipeline.synthetic.phantom_vqa import fixed_examples
+from pruning.testing import make_tiny_vlm
 
 MODEL_KW = dict(
     image_size=64, patch_size=8, initializer_range=0.08,
@@ -80,8 +81,6 @@ def lr_factor(step: int, frac: float, warmup: int) -> float:
 def train(args: argparse.Namespace) -> dict:
     """Build, train and save; returns the metrics written to ``<out>/metrics.json``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from pruning.testing import make_tiny_vlm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

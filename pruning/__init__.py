@@ -34,9 +34,10 @@ from pruning.methods import (
 from pruning.ops.accounting import PruneStats, aggregate_rates
 from pruning.ops.attention import attention_received
 from pruning.ops.baselines import hiprune_select, hulu_l1_keep, random_select, visionzip_select
-from pruning.ops.iaf import IAF_UINT8_SCALE, select_slices, uniform_slices
+from pruning.ops.iaf import IAF_UINT8_SCALE, uniform_slices
 from pruning.ops.merge import count_contextual, merge_contextual
 from pruning.ops.nucleus import nucleus_mask, nucleus_select
+from pruning.ops.slice_filters import select_slices
 from pruning.ops.token_maps import group_mean, pool_grid, strip_mean
 from pruning.ops.windowing import (
     MEDGEMMA_RGB_WINDOWS,

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.limits import DecodeLimits
+from pipeline.io.volumes import load_volume
+from pipeline.synthetic.ct import make_phantom
+
 
 def _make_file(folder: Path, depth: int, size: int) -> Path:
     import nibabel as nib
-
-    from pipeline.synthetic.ct import make_phantom
 
     volume = make_phantom(0, depth=depth, size=size).volume  # (D, H, W) int16 HU
     data = np.ascontiguousarray(volume[:, ::-1, ::-1].transpose(2, 1, 0))  # RAS voxel order
@@ -56,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per method")
     args = parser.parse_args(argv)
     import nibabel as nib
-
-    from pipeline.io.limits import DecodeLimits
-    from pipeline.io.volumes import load_volume
 
     depth, size = (64, 256) if args.quick else (300, 512)
     methods: dict[str, Callable[[Path], Callable[[], np.ndarray]]] = {

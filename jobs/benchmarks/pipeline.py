@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EvalConfig, parse_config
+from pipeline.datasets.records import read_records
+from pipeline.graph import expand_rows, run_evaluation, stage_specs
 from pipeline.stages import InferStage, LoadStage, ScoreStage, check_columns, resolve_model
+from pipeline.synthetic.datasets import make_dataset
 
 MODEL = "tiny:qwen2_5_vl"
 
@@ -67,16 +70,13 @@ def run_loop(config: EvalConfig) -> tuple[float, float, int]:
     """(setup s, processing s, rows) of a plain in-process loop over the same rows and stages."""
     import torch
 
-    from pipeline.datasets.records import read_records
-    from pipeline.graph import expand_rows
-
     # The model actor runs with OMP/torch threads = its num_cpus (Ray sets it); so does the loop.
     torch.set_num_threads(max(1, int(config.stages.infer.num_cpus)))
     rows = expand_rows(config, read_records(config.dataset.uri, "jsonl"))
     started = time.perf_counter()
-    load = LoadStage(config.model.path, cache_dir=config.cache_path())
-    infer = InferStage(config.model.path, cache_dir=config.cache_path(), max_new_tokens=config.max_new_tokens)
-    score = ScoreStage()
+    specs = stage_specs(config)  # the job's own stage arguments, run in this process
+    load, infer = LoadStage(**specs["load"][1]), InferStage(**specs["infer"][1])
+    score = ScoreStage(**specs["score"][1])
     setup = time.perf_counter() - started
     size = config.stages.infer.batch_size
     started = time.perf_counter()
@@ -110,7 +110,6 @@ def run_ray(config: EvalConfig, infer: tuple[type, dict[str, Any]]) -> tuple[flo
     to last batch out, over all its actors): actor start-up and pipeline fill are excluded,
     waiting for the CPU stage is not.
     """
-    from pipeline.graph import run_evaluation
 
     spans: list[tuple[float, float]] = []
 
@@ -139,7 +138,6 @@ def part_loop_vs_ray(root: Path, manifest: str, max_new_tokens: int) -> None:
     ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False,
              log_to_driver=False)
     try:
-        from pipeline.graph import stage_specs
 
         wall, steady, ray_rows = run_ray(config, stage_specs(config)["infer"])
     finally:
@@ -157,11 +155,9 @@ def part_loop_vs_ray(root: Path, manifest: str, max_new_tokens: int) -> None:
 
 def cpu_stage_capacity(config: EvalConfig, load_actors: int) -> float:
     """Rows/s the load stage sustains with ``load_actors`` single-core actors (measured here)."""
-    from pipeline.datasets.records import read_records
-    from pipeline.graph import expand_rows
 
     rows = expand_rows(config, read_records(config.dataset.uri, "jsonl"))[:16]
-    load = LoadStage(config.model.path, cache_dir=config.cache_path())
+    load = LoadStage(**stage_specs(config)["load"][1])
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     load(batch)
     started = time.perf_counter()
@@ -224,7 +220,6 @@ def main(argv: list[str]) -> int:
     for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                        "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "HF_HUB_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
-    from pipeline.synthetic.datasets import make_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.ops.attention import attention_received
-from pruning.ops.iaf import select_slices
+from pruning.ops.slice_filters import select_slices
 
 GB = 1e9
 MIB = 1024 * 1024

@@ -19,13 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets.prompts import build_prompt
+from pipeline.metrics.scorers import score_sample
 from pipeline.synthetic.phantom_vqa import (
     QUESTION_TYPES,
     fixed_examples,
     lesion_slices,
     lesion_token_positions,
 )
-from pruning.methods import SlicePlan
+from pruning.methods import PruningConfig, SlicePlan
+from pruning.ops.accounting import aggregate_rates
+from pruning.ops.iaf_local import select_slices_local
+from pruning.ops.iaf_transient import select_slices_transient, transient_scores
+from pruning.ops.slice_filters import select_slices
+from pruning.runtime.vlm import load_vlm
 
 DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
 
@@ -47,14 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def slice_filter(distance: str, gamma: float, percentile: float = 99.0, threshold: float = 0.2):
     """A slice stage ``(prepared uint8 (D, h, w, 3)) -> kept indices`` for one IAF distance."""
     if distance == "transient":
-        from pruning.ops.iaf_transient import select_slices_transient
 
         return lambda vol: select_slices_transient(vol, gamma, threshold=threshold)
     if distance == "local":
-        from pruning.ops.iaf_local import select_slices_local
 
         return lambda vol: select_slices_local(vol, gamma, gamma_local=0.3)
-    from pruning.ops.iaf import select_slices
 
     return lambda vol: select_slices(vol, gamma, distance=distance, percentile=percentile)
 
@@ -88,8 +91,6 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
     transient scores are computed once; the kept set is the one
     :func:`pruning.ops.iaf_transient.select_slices_transient` returns (anchors plus findings).
     """
-    from pruning.ops.iaf import select_slices
-    from pruning.ops.iaf_transient import transient_scores
 
     scores = [transient_scores(v) for v in volumes]
 
@@ -107,8 +108,6 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
 
 def run_method(vlm, items, prepared, pruning, stage, batch: int) -> dict:
     """Generate for every item; returns accuracy per type, rates and lesion recalls."""
-    from pipeline.metrics.scorers import score_sample
-    from pruning.ops.accounting import aggregate_rates
 
     hits = {q: [] for q in QUESTION_TYPES}
     stats, les_slices, les_tokens, les_any = [], [0, 0], [0, 0], [0, 0]
@@ -235,9 +234,6 @@ def plot(results: list[tuple[str, dict]], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run every method on the held-out phantoms and print the table."""
     import torch
-
-    from pruning.methods import PruningConfig
-    from pruning.runtime.vlm import load_vlm
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

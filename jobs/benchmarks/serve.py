@@ -27,6 +27,12 @@ import time
 
 import numpy as np
 
+from pipeline.datasets.prompts import build_prompt
+from pipeline.stages import InferStage, LoadStage, resolve_model
+from pruning import PruningConfig
+from pruning.testing import make_tiny_vlm
+from serve.app import build_app
+
 CONCURRENCY = (1, 4, 16)
 QUESTION = "Describe the findings."
 
@@ -68,20 +74,17 @@ async def _traffic(url: str, bodies: list[dict], concurrency: int, total: int):
     return latencies, len(latencies) / wall, failures
 
 
-def _overhead(url: str, model_dir: str, body: dict, pruning_json: str, repeats: int):
+def _overhead(url: str, model_dir: str, body: dict, pruning: PruningConfig, repeats: int):
     """Interleaved direct (in-process stages) and HTTP latencies of the same request."""
     import httpx
     import torch
-
-    from pipeline.datasets.prompts import build_prompt
-    from pipeline.stages import InferStage, LoadStage
 
     torch.set_num_threads(1)  # as the model replica (num_cpus=1 -> OMP_NUM_THREADS=1)
     load = LoadStage(model_dir)
     infer = InferStage(model_dir, max_new_tokens=body["max_new_tokens"])
     row = {"id": ["b"], "volume_uri": [""], "volume_format": ["npy"],
            "volume_bytes": [base64.b64decode(body["volume"]["data"])],
-           "pruning": [pruning_json], "prompt": [build_prompt(QUESTION, "open")]}
+           "pruning": [pruning], "prompt": [build_prompt(QUESTION, "open")]}
     batch = {k: np.array(v, dtype=object) for k, v in row.items()}
     direct, http, gaps = [], [], []
     with httpx.Client(timeout=600) as client:
@@ -151,11 +154,6 @@ def main(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    from pipeline.stages import resolve_model
-    from pruning import PruningConfig
-    from pruning.testing import make_tiny_vlm
-    from serve.app import build_app
-
     cache = tempfile.mkdtemp(prefix="medpruner-serve-bench-")
     model_dir = (resolve_model("tiny:qwen2_5_vl", cache) if opts.size == "tiny"
                  else str(make_tiny_vlm("qwen2_5_vl", os.path.join(cache, "bench"), size="bench")))
@@ -180,7 +178,7 @@ def main(argv: list[str]) -> int:
             asyncio.run(_traffic(url, bodies, 4, 8))  # warm-up
             if not batching:
                 direct, http, gaps = _overhead(url, model_dir, bodies[0],
-                                               pruning.model_dump_json(), 12)
+                                               pruning, 12)
             for c in CONCURRENCY:
                 total = max(opts.requests // (4 if c == 1 else 1), 4 * c)
                 lat, rps, failures = asyncio.run(_traffic(url, bodies, c, total))

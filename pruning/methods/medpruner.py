@@ -1,6 +1,6 @@
 """MedPruner: IAF before the vision encoder, DINS per kept slice, contextual merging.
 
-Slice rule: IAF (:func:`pruning.ops.iaf.select_slices`) on the [-1, 1] scale gamma refers to,
+Slice rule: IAF (:func:`pruning.ops.slice_filters.select_slices`) on the [-1, 1] scale gamma refers to,
 read straight from the uint8 slices. Under the ``reference`` profile the public code's order is
 kept: every slice is encoded and IAF becomes a mask, so a dropped slice still sends its token 0
 when DINS kept it. Token rule: the attention nucleus (``tau``, softmax temperature ``T``) per
@@ -25,11 +25,11 @@ from pruning.methods.selection import (
     check_depth,
     gather,
 )
-from pruning.ops.iaf import select_slices
 from pruning.ops.merge import merge_contextual
 from pruning.ops.nucleus import nucleus_mask
+from pruning.ops.slice_filters import select_slices
 
-IafDistanceName = Literal["mean", "patch_max", "patch_percentile", "local", "transient"]
+IafDistanceName = Literal["mean", "patch_max", "patch_percentile", "local", "transient", "lesion"]
 
 # DINS softmax temperature per model family (reference configuration: T = 2 for Qwen3-VL and
 # MedGemma/Gemma3, T = 1 for Hulu-Med; Qwen2.5-VL follows Hulu-Med, whose encoder it shares).
@@ -77,7 +77,9 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         description="IAF distance: 'mean' over the whole slice (paper); 'patch_max' / "
         "'patch_percentile' over per-patch mean differences; 'local' keeps the paper's anatomy "
         "anchors plus every slice differing locally from them; 'transient' keeps the anchors "
-        "plus every slice with a focal change that the slices before and after it lack",
+        "plus every slice with a focal change that the slices before and after it lack; "
+        "'lesion' keeps the anchors plus every slice of a compact 3-D blob that ends within "
+        "iaf_lesion_max_span slices (lesion-preserving on real anatomy)",
     )
     iaf_gamma_local: float = Field(
         0.3, ge=0.0, le=2.0,
@@ -101,11 +103,36 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         description="'transient' IAF: side of the square (working-grid pixels) a finding must "
         "cover",
     )
+    iaf_lesion_threshold: float = Field(
+        0.02, gt=0.0, le=2.0,
+        description="'lesion' IAF: blob measure ([-1, 1] scale, about a quarter of a blob's "
+        "contrast) a compact 3-D blob must exceed to make its slices findings",
+    )
+    iaf_lesion_max_span: int = Field(
+        8, ge=1, le=64, description="'lesion' IAF: longest finding in slices; longer 3-D "
+        "components (vessels, airways, outlines) are anatomy")
+    iaf_lesion_min_size: float = Field(
+        1.5, gt=0.0, le=64.0, description="'lesion' IAF: smallest blob scale, working-grid px")
+    iaf_lesion_max_size: float = Field(
+        12.0, gt=0.0, le=64.0, description="'lesion' IAF: largest blob scale, working-grid px")
+    iaf_lesion_link: int = Field(
+        1, ge=0, le=8, description="'lesion' IAF: in-plane drift (working-grid px) a blob may "
+        "make from one slice to the next and stay one component")
+    iaf_lesion_max_side: int = Field(
+        96, ge=8, le=512, description="'lesion' IAF: working grid, at most this many px per "
+        "side (slices are box-averaged down to it)")
     iaf_percentile: float = Field(
         99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
     )
     min_slices: int = Field(1, ge=1, description="keep at least this many slices (even spacing)")
     keep_last: bool = Field(False, description="always keep the last slice as well")
+    slice_budget: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="keep at most this share of the slices, in (0, 1] (round half up, at least "
+        "1): the filter ranks slices instead of thresholding (walk distances: the smallest "
+        "gamma that fits; finding filters: findings first, then anatomy anchors). None: gamma "
+        "decides",
+    )
     # --- Stage 2: dynamic information nucleus selection (DINS)
     tau: float = Field(
         0.9, gt=0.0, le=1.0, allow_inf_nan=False,
@@ -134,11 +161,14 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
     use_merge: bool = Field(True, description="add merged contextual tokens after DINS")
 
     @model_validator(mode="after")
-    def _check_slice_bounds(self) -> MedPrunerConfig:
+    def _check_bounds(self) -> MedPrunerConfig:
         if self.max_slices is not None and self.min_slices > self.max_slices:
             raise ValueError(
                 f"min_slices ({self.min_slices}) must not exceed max_slices ({self.max_slices})"
             )
+        if self.iaf_lesion_min_size > self.iaf_lesion_max_size:
+            raise ValueError(f"iaf_lesion_min_size ({self.iaf_lesion_min_size}) must not exceed "
+                             f"iaf_lesion_max_size ({self.iaf_lesion_max_size})")
         return self
 
     def temperature_for(self, family: str) -> float:
@@ -153,6 +183,10 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
             keep_last=self.keep_last, distance=self.iaf_distance, percentile=self.iaf_percentile,
             gamma_local=self.iaf_gamma_local, finding_threshold=self.iaf_finding_threshold,
             span=self.iaf_span, shift=self.iaf_shift, finding_size=self.iaf_finding_size,
+            budget=self.slice_budget, lesion_threshold=self.iaf_lesion_threshold,
+            lesion_max_span=self.iaf_lesion_max_span, lesion_min_size=self.iaf_lesion_min_size,
+            lesion_max_size=self.iaf_lesion_max_size, lesion_link=self.iaf_lesion_link,
+            lesion_max_side=self.iaf_lesion_max_side,
         ), dtype=np.int64)
 
     def slice_plan(self, slices_u8: np.ndarray) -> SlicePlan:
@@ -201,12 +235,15 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
     # ------------------------------------------------------------------ description
     @property
     def keeps_everything(self) -> bool:
-        slices_all = (not self.use_iaf or self.gamma < 0) and self.max_slices is None
+        slices_all = ((not self.use_iaf or (self.gamma < 0 and self.slice_budget is None))
+                      and self.max_slices is None)
         # With every token kept by DINS nothing is left over to merge.
         return slices_all and (not self.use_dins or self.tau >= 1.0)
 
     def label_parts(self) -> list[str]:
         parts = [f"tau={_fmt(self.tau)}", f"gamma={_fmt(self.gamma)}"]
+        if self.slice_budget is not None:
+            parts.append(f"budget={_fmt(self.slice_budget)}")
         if self.iaf_distance != "mean":
             parts.append(f"iaf={self.iaf_distance}")
             if self.iaf_distance == "patch_percentile":
@@ -216,6 +253,9 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
             if self.iaf_distance == "transient":
                 parts += [f"finding={_fmt(self.iaf_finding_threshold)}", f"span={self.iaf_span}",
                           f"shift={self.iaf_shift}", f"size={self.iaf_finding_size}"]
+            if self.iaf_distance == "lesion":
+                parts += [f"blob={_fmt(self.iaf_lesion_threshold)}",
+                          f"span={self.iaf_lesion_max_span}"]
         parts += [f"no_{flag[4:]}" for flag in ("use_iaf", "use_dins", "use_merge")
                   if not getattr(self, flag)]
         if self.merge_formula != "reference":

@@ -13,6 +13,7 @@ differences and scaled, which is exact (the processor normalisation is affine pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -20,8 +21,9 @@ import numpy as np
 
 # uint8 value -> [-1, 1] (rescale 1/255, normalise mean=std=0.5): a difference of 1 is 2/255.
 IAF_UINT8_SCALE = 2.0 / 255.0
-IafDistance = Literal["mean", "patch_max", "patch_percentile", "local", "transient"]
-_DISTANCES = ("mean", "patch_max", "patch_percentile", "local", "transient")
+# The anchor-walk distances of this module; pruning.ops.slice_filters adds the finding filters.
+WalkDistance = Literal["mean", "patch_max", "patch_percentile"]
+WALK_DISTANCES = ("mean", "patch_max", "patch_percentile")
 # Rows of uint8 |differences| summed in a uint16 accumulator cannot overflow: 257 * 255 < 2**16.
 _U16_ROWS = 256
 
@@ -173,7 +175,7 @@ def _anchor_walk(count: int, gamma: float, dist: Distance, names: np.ndarray) ->
     return kept
 
 
-def _fill_evenly(kept: list[int], count: int, target: int) -> list[int]:
+def fill_evenly(kept: list[int], count: int, target: int) -> list[int]:
     """Add positions (of ``count``) until ``target`` are kept, each time the evenly spaced
     candidate farthest from every kept position."""
     chosen = set(kept)
@@ -185,117 +187,126 @@ def _fill_evenly(kept: list[int], count: int, target: int) -> list[int]:
     return sorted(chosen)
 
 
-def select_slices(
-    slices: np.ndarray,
-    gamma: float,
-    *,
-    min_slices: int = 1,
-    max_slices: int | None = None,
-    keep_last: bool = False,
-    distance: IafDistance = "mean",
-    percentile: float = 99.0,
-    patch: int = 8,
-    scale: float | Sequence[float] | None = None,
-    gamma_local: float = 0.3,
-    box: int = 4,
-    finding_threshold: float = 0.2,
-    span: int = 4,
-    shift: int = 1,
-    finding_size: int = 2,
-) -> np.ndarray:
-    """IAF: choose which slices of a volume to keep.
+def budget_count(budget: float, depth: int) -> int:
+    """Slices a ``budget`` fraction of ``depth`` allows: ``max(1, floor(budget * depth + 0.5))``.
 
-    Slice 0 is kept and becomes the anchor; for i = 1..D-1 slice i is kept, and becomes the new
-    anchor, when ``distance(slice_i, anchor) > gamma`` (strictly); otherwise it is dropped.
-
-    Args:
-        slices: (D, ...) slices at model resolution: float already on the processor scale
-            gamma refers to ([-1, 1], mean=std=0.5), or uint8 (0..255) read through ``scale``.
-            Patch distances need (D, H, W) or channels-last (D, H, W, C).
-        gamma: threshold; ``gamma < 0`` keeps every slice.
-        min_slices: keep at least this many (evenly spaced additions where IAF kept fewer).
-        max_slices: cap; deeper volumes are first subsampled evenly to ``max_slices`` slices
-            (with ``keep_last`` the last of those is replaced by the true last slice).
-        keep_last: also keep the last slice.
-        distance: "mean" (paper: mean over every element), "patch_max" or "patch_percentile"
-            (max / percentile over per-patch mean differences), or "local" (the
-            lesion-preserving filter of :func:`pruning.ops.iaf_local.select_slices_local`: anatomy
-            anchors by the mean rule plus every slice that differs locally from them), or
-            "transient" (:func:`pruning.ops.iaf_transient.select_slices_transient`: the mean rule's
-            anchors plus every slice with a focal change that neither neighbour shows).
-        percentile: percentile in [0, 100] for "patch_percentile".
-        patch: patch side in pixels for the patch distances.
-        scale: factor turning element differences into the gamma scale, one number or one per
-            channel (channels-last). Default: 2/255 for uint8 input, 1 for float input.
-            ("local" and "transient" findings always read uint8 as 2/255 per level.)
-        gamma_local: "local" only: threshold on the windowed mean |difference| to an anchor.
-        box: "local" only: window side in pixels.
-        finding_threshold: "transient" only: threshold on the transient-finding score.
-        span: "transient" only: longest finding, in slices.
-        shift: "transient" only: anatomy displacement tolerated, in working-grid pixels.
-        finding_size: "transient" only: side of the square a finding must cover, in pixels.
-
-    Returns:
-        Ascending int64 indices of the kept slices (original slice numbers).
-
-    Raises:
-        ValueError: on an empty volume, non-finite values or gamma, or invalid options.
+    Round half up, at least one slice, at most ``depth``. Raises ValueError unless
+    ``0 < budget <= 1``.
     """
+    if not (isinstance(budget, int | float) and 0.0 < budget <= 1.0):
+        raise ValueError(f"slice budget must be a fraction in (0, 1], got {budget!r}")
+    return int(min(depth, max(1, math.floor(budget * depth + 0.5))))
+
+
+def _walk_distance(
+    slices: np.ndarray, distance: WalkDistance, percentile: float, patch: int,
+    scale: float | Sequence[float] | None,
+) -> Distance:
+    scales = _channel_scales(slices, scale)
+    if distance == "mean":
+        return _mean_distance(slices, scales)
+    if distance == "patch_max":
+        return _patch_distance(slices, scales, patch, lambda v: float(v.max()))
+    return _patch_distance(slices, scales, patch, lambda v: float(np.percentile(v, percentile)))
+
+
+def _check_walk(slices: np.ndarray, distance: str, percentile: float, patch: int) -> np.ndarray:
+    """Validated, contiguous slices (float16 widened: it would also accumulate in float16)."""
     slices = np.asarray(slices)
     if slices.ndim < 2 or slices.shape[0] == 0 or slices[0].size == 0:
         raise ValueError(f"slices must have shape (D, ...) with D >= 1 non-empty slices, got {slices.shape}")
     if slices.dtype != np.uint8 and not np.issubdtype(slices.dtype, np.floating):
         raise ValueError(f"slices must be uint8 or floating point, got dtype {slices.dtype}")
-    if not np.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number, got {gamma}")
-    if distance not in _DISTANCES:
-        raise ValueError(f"unknown IAF distance {distance!r}; valid: {list(_DISTANCES)}")
+    if distance not in WALK_DISTANCES:
+        raise ValueError(f"unknown IAF walk distance {distance!r}; valid: {list(WALK_DISTANCES)}")
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     if patch < 1:
         raise ValueError(f"patch must be >= 1 pixel, got {patch}")
-    if min_slices < 1:
-        raise ValueError(f"min_slices must be >= 1, got {min_slices}")
-    if max_slices is not None and max_slices < min_slices:
-        raise ValueError(f"max_slices ({max_slices}) must be >= min_slices ({min_slices})")
+    return np.ascontiguousarray(slices, dtype=np.float32 if slices.dtype == np.float16 else None)
 
-    depth = slices.shape[0]
-    candidates = np.arange(depth, dtype=np.int64)
-    if max_slices is not None and depth > max_slices:
-        candidates = uniform_slices(depth, max_slices)
-        if keep_last:
-            candidates[-1] = depth - 1
-        slices = slices[candidates]
-    # float16 would also accumulate its sums in float16
-    slices = np.ascontiguousarray(slices, dtype=np.float32 if slices.dtype == np.float16 else None)
+
+def anchor_slices(
+    slices: np.ndarray,
+    gamma: float,
+    *,
+    distance: WalkDistance = "mean",
+    percentile: float = 99.0,
+    patch: int = 8,
+    scale: float | Sequence[float] | None = None,
+) -> np.ndarray:
+    """The paper's IAF walk alone: slice 0, then every slice whose distance to the last kept
+    slice exceeds ``gamma`` (strictly). ``gamma < 0`` keeps every slice.
+
+    Args:
+        slices: (D, ...) uint8 (read through ``scale``) or float on the gamma scale; patch
+            distances need (D, H, W) or channels-last (D, H, W, C).
+        gamma: threshold on the distance.
+        distance: "mean" (the paper's), "patch_max" or "patch_percentile".
+        percentile, patch, scale: see :func:`pruning.ops.slice_filters.select_slices`.
+
+    Returns:
+        Ascending int64 positions of the kept slices.
+
+    Raises:
+        ValueError: empty volume, bad dtype, non-finite values or gamma, invalid options.
+    """
+    slices = _check_walk(slices, distance, percentile, patch)
+    if not np.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number, got {gamma}")
     count = slices.shape[0]
-
     if gamma < 0:
-        kept = list(range(count))
-    elif distance == "local":
-        from pruning.ops.iaf_local import select_slices_local  # it imports this module
+        return np.arange(count, dtype=np.int64)
+    dist = _walk_distance(slices, distance, percentile, patch, scale)
+    return np.asarray(_anchor_walk(count, gamma, dist, np.arange(count)), dtype=np.int64)
 
-        kept = select_slices_local(slices, gamma, gamma_local=gamma_local, box=box).tolist()
-    elif distance == "transient":
-        from pruning.ops.iaf_transient import select_slices_transient  # it imports this module
 
-        kept = select_slices_transient(
-            slices, gamma, threshold=finding_threshold, span=span, shift=shift, size=finding_size
-        ).tolist()
-    else:
-        scales = _channel_scales(slices, scale)
-        if distance == "mean":
-            dist = _mean_distance(slices, scales)
-        elif distance == "patch_max":
-            dist = _patch_distance(slices, scales, patch, lambda v: float(v.max()))
+def anchor_slices_within(
+    slices: np.ndarray,
+    count: int,
+    *,
+    distance: WalkDistance = "mean",
+    percentile: float = 99.0,
+    patch: int = 8,
+    scale: float | Sequence[float] | None = None,
+    steps: int = 20,
+) -> np.ndarray:
+    """The IAF walk at the smallest gamma that keeps at most ``count`` slices.
+
+    Gamma is bisected (``steps`` halvings between 0 and the largest distance met) and the
+    anchors of the best gamma found are returned: the largest walk result of at most ``count``
+    slices. Distances are memoised across the walks, so the cost is a few walks, not ``steps``.
+
+    Returns:
+        Ascending int64 positions, between 1 and ``count`` of them (``count`` >= 1).
+    """
+    slices = _check_walk(slices, distance, percentile, patch)
+    depth = slices.shape[0]
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if count >= depth:
+        return np.arange(depth, dtype=np.int64)
+    base = _walk_distance(slices, distance, percentile, patch, scale)
+    memo: dict[tuple[int, int], float] = {}
+
+    def dist(i: int, anchor: int) -> float:
+        key = (i, anchor)
+        if key not in memo:
+            memo[key] = base(i, anchor)
+        return memo[key]
+
+    names = np.arange(depth)
+    lo, hi = 0.0, max(dist(i, 0) for i in range(1, depth))
+    best = [0]
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        kept = _anchor_walk(depth, mid, dist, names)
+        if len(kept) > count:
+            lo = mid
         else:
-            dist = _patch_distance(
-                slices, scales, patch, lambda v: float(np.percentile(v, percentile))
-            )
-        kept = _anchor_walk(count, gamma, dist, candidates)
-
-    if keep_last and kept[-1] != count - 1:
-        kept.append(count - 1)
-    if len(kept) < min(min_slices, count):
-        kept = _fill_evenly(kept, count, min(min_slices, count))
-    return candidates[np.asarray(kept, dtype=np.int64)]
+            hi = mid
+            if len(kept) >= len(best):
+                best = kept
+        if len(best) == count:
+            break
+    return np.asarray(best, dtype=np.int64)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pruning.ops.iaf import select_slices
+from pruning.ops.iaf import anchor_slices
 from pruning.ops.iaf_transient import working_grid
 
 
@@ -49,6 +49,32 @@ def _anchors(kept: np.ndarray, depth: int, forward: bool) -> np.ndarray:
     return out
 
 
+def local_scores(slices: np.ndarray, gamma: float, *, box: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's anchors at ``gamma`` (forward walk) and per slice the largest local distance
+    to its anatomy anchors (forward and backward walks; 0 for the forward anchors).
+
+    Args and Raises: as :func:`select_slices_local` (``gamma`` >= 0 here).
+
+    Returns:
+        (anchors, scores): ascending int64 anchor positions and float64 (D,) scores.
+    """
+    grey = working_grid(slices, max_side=None)
+    depth, height, width = grey.shape
+    if not 1 <= box <= min(height, width):
+        raise ValueError(f"box must be in [1, {min(height, width)}], got {box}")
+    fwd = anchor_slices(grey, gamma)
+    bwd = depth - 1 - anchor_slices(np.ascontiguousarray(grey[::-1]), gamma)[::-1]
+    before, after = _anchors(fwd, depth, True), _anchors(np.sort(bwd), depth, False)
+    scores = np.zeros(depth, dtype=np.float64)
+    fwd_set = set(fwd.tolist())
+    for i in range(depth):
+        if i in fwd_set:
+            continue
+        refs = {int(before[i]), int(after[i])} - {i}
+        scores[i] = max((local_distance(grey[i], grey[r], box) for r in refs), default=0.0)
+    return fwd, scores
+
+
 def select_slices_local(
     slices: np.ndarray, gamma: float, *, gamma_local: float = 0.3, box: int = 4
 ) -> np.ndarray:
@@ -68,20 +94,10 @@ def select_slices_local(
     Raises:
         ValueError: bad shape or dtype, ``box`` < 1 or larger than a slice.
     """
-    grey = working_grid(slices, max_side=None)
-    depth, height, width = grey.shape
-    if not 1 <= box <= min(height, width):
-        raise ValueError(f"box must be in [1, {min(height, width)}], got {box}")
     if gamma < 0:
-        return np.arange(depth, dtype=np.int64)
-    fwd = select_slices(grey, gamma)
-    bwd = depth - 1 - select_slices(np.ascontiguousarray(grey[::-1]), gamma)[::-1]
-    before, after = _anchors(fwd, depth, True), _anchors(np.sort(bwd), depth, False)
-    keep = set(fwd.tolist())
-    for i in range(depth):
-        if i in keep:
-            continue
-        refs = {int(before[i]), int(after[i])} - {i}
-        if any(local_distance(grey[i], grey[r], box) > gamma_local for r in refs):
-            keep.add(i)
-    return np.asarray(sorted(keep), dtype=np.int64)
+        grey_shape = working_grid(slices[:1], max_side=None).shape
+        if not 1 <= box <= min(grey_shape[1:]):
+            raise ValueError(f"box must be in [1, {min(grey_shape[1:])}], got {box}")
+        return np.arange(np.asarray(slices).shape[0], dtype=np.int64)
+    anchors, scores = local_scores(slices, gamma, box=box)
+    return np.union1d(anchors, np.flatnonzero(scores > gamma_local)).astype(np.int64)

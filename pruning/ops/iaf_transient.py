@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from pruning.ops.iaf import select_slices
+from pruning.ops.iaf import anchor_slices
 
 
 def _check_slices(arr: np.ndarray) -> None:
@@ -190,7 +190,7 @@ def select_slices_transient(
     if gamma < 0:
         _check_slices(slices)
         return np.arange(slices.shape[0], dtype=np.int64)
-    anchors = select_slices(slices, gamma)  # the paper's rule on the input as given
+    anchors = anchor_slices(slices, gamma)  # the paper's rule on the input as given
     scores = transient_scores(slices, span=span, shift=shift, size=size, max_side=max_side)
     findings = np.flatnonzero(scores > threshold)
     return np.union1d(anchors, findings).astype(np.int64)

@@ -98,6 +98,19 @@ def test_load_stage_knows_its_methods_and_takes_config_objects(
     assert out["error"][1] == "" and list(out["slice_indices"][1]) == [0, 4, 8]
 
 
+def test_slice_budget_in_the_job_config_reaches_the_load_stage(cache: str, volumes: dict[str, str]) -> None:
+    from pipeline.config import parse_config
+    from pipeline.graph import stage_specs
+
+    config = parse_config({"output": "/tmp/unused", "cache_dir": cache, "model": MODEL,
+                           "dataset": {"uri": "synthetic", "format": "jsonl"},
+                           "methods": [{"name": "budget", "slice_budget": 0.4,
+                                        "iaf_distance": "lesion"}]})
+    load = LoadStage(**stage_specs(config)["load"][1])
+    out = load(_batch([volumes["v0"]], ["budget"]))
+    assert out["error"][0] == "" and len(out["slice_indices"][0]) == 5  # round(0.4 x 12)
+
+
 def test_reference_profile_through_the_stages_equals_generate(
     load: LoadStage, infer: InferStage, volumes: dict[str, str]
 ) -> None:

@@ -67,6 +67,11 @@ def test_analyze_by_uri_inline_and_upload(served):
     keep_all = _post(served, "/v1/analyze", json=_inline(pruning={"method": "original"}))
     stats = keep_all.json()["stats"]
     assert stats["tokens_kept"] == stats["tokens_total"] and stats["slices_kept"] == 12
+    for pruning in ({"slice_budget": 0.4}, {"slice_budget": 0.4, "iaf_distance": "lesion"},
+                    {"method": "uniform", "slice_budget": 0.4}):
+        budget = _post(served, "/v1/analyze", json=_inline(pruning=pruning))
+        assert budget.status_code == 200, budget.text
+        assert budget.json()["stats"]["slices_kept"] == 5, pruning  # round(0.4 * 12)
 
 
 def test_visualize_png(served):

@@ -18,8 +18,8 @@ from pipeline.synthetic.phantom_vqa import (
     split_seeds,
     write_benchmark,
 )
-from pruning.ops.iaf import select_slices
 from pruning.ops.iaf_local import local_distance, select_slices_local
+from pruning.ops.slice_filters import select_slices
 
 
 def _lesion_masks(ph) -> list[np.ndarray]:

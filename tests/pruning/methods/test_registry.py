@@ -143,3 +143,31 @@ def test_slice_plan_checks_itself() -> None:
         SlicePlan(encode=[0, 3], total=3)
     with pytest.raises(ValueError, match="iaf_kept has 1 entries for 2 slices"):
         SlicePlan(encode=[0, 1], total=3, iaf_kept=[True])
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"iaf_distance": "patch_max"}, {"iaf_distance": "patch_percentile"},
+    {"iaf_distance": "local"}, {"iaf_distance": "transient"}, {"iaf_distance": "lesion"},
+    {"method": "uniform"}, {"profile": "reference"},
+])
+def test_slice_budget_holds_for_every_slice_filter(options: dict) -> None:
+    rng = np.random.default_rng(4)
+    slices = rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
+    plan = PruningConfig(slice_budget=0.4, **options).slice_plan(slices)
+    assert plan.slices_kept == 8  # 0.4 x 20
+    assert plan.encode.tolist() == sorted(set(plan.encode.tolist()))
+    again = PruningConfig(slice_budget=0.4, **options).slice_plan(slices)
+    assert again.encode.tolist() == plan.encode.tolist()
+    assert PruningConfig(slice_budget=1.0, **options).slice_plan(slices).slices_kept == 20
+
+
+def test_slice_budget_range_and_conflicts() -> None:
+    from pydantic import ValidationError
+
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValidationError, match="slice_budget"):
+            PruningConfig(slice_budget=bad)
+    with pytest.raises(ValidationError, match="uniform_slices or slice_budget"):
+        PruningConfig(method="uniform", uniform_slices=3, slice_budget=0.5)
+    with pytest.raises(ValidationError, match="belongs to method medpruner / uniform"):
+        PruningConfig(method="random", slice_budget=0.5)

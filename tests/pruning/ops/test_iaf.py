@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.ops.iaf import IAF_UINT8_SCALE, select_slices, uniform_slices
+from pruning.ops.iaf import IAF_UINT8_SCALE, uniform_slices
+from pruning.ops.slice_filters import select_slices
 
 FAST = settings(max_examples=40, deadline=None)
 

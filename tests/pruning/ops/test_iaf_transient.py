@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pruning.ops.iaf import select_slices
 from pruning.ops.iaf_transient import select_slices_transient, transient_scores
+from pruning.ops.slice_filters import select_slices
 
 
 def _disc(size: int, cy: float, cx: float, radius: float) -> np.ndarray:

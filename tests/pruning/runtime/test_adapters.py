@@ -138,6 +138,14 @@ def test_every_method_runs_through_generate(tiny_vlm, method):
     assert gen.to_dict()["stats"]["tokens_kept"] == gen.stats.tokens_kept
 
 
+def test_slice_budget_through_generate(tiny_vlm):
+    vol = volume(10, seed=12)
+    for cfg in (PruningConfig(slice_budget=0.4), PruningConfig(slice_budget=0.4, iaf_distance="lesion"),
+                PruningConfig(method="uniform", slice_budget=0.4)):
+        gen = tiny_vlm.generate(vol, PROMPT, pruning=cfg, max_new_tokens=1)
+        assert gen.stats.slices_kept == 4 and gen.stats.slices_total == 10, cfg.short_name()
+
+
 def test_reference_profile_token_zero_quirk(tiny_vlm):
     vol = volume(0, seed=9, runs=[3, 2])
     cfg = PruningConfig(method="medpruner", profile="reference", tau=0.5, temperature=0.05)

@@ -1,0 +1,167 @@
+"""Training-free lesion-finding ideas measured beside the recommended ``lesion`` filter.
+
+Each entry maps ``(uint8 slices, budget) -> kept indices`` through the same ranking as the
+finding filters (:func:`pruning.ops.slice_filters.findings_then_anchors`): findings above a
+threshold best first, then anatomy anchors, then even filling. They are benchmark code, kept
+to show what did and did not work on real anatomy (numbers in the README), not options of the
+pruning config. All run on the lesion filter's working grid (:func:`lesion_grid`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pruning.ops.iaf import budget_count
+from pruning.ops.iaf_lesion import (
+    blob_response,
+    component_scores,
+    hessian_blob_response,
+    lesion_grid,
+)
+from pruning.ops.slice_filters import findings_then_anchors, select_slices
+
+
+def _ranked(grid: np.ndarray, scores: np.ndarray, threshold: float, budget: float) -> np.ndarray:
+    return np.asarray(findings_then_anchors(grid, scores, threshold, budget_count(budget, len(grid))))
+
+
+def dog_unbounded(slices: np.ndarray, budget: float) -> np.ndarray:
+    """Multi-scale DoG blobs through the stack, no z-extent bound: per slice the strongest
+    blob response anywhere."""
+    grid = lesion_grid(slices)
+    scores = np.abs(blob_response(grid, 1.5, 12.0)).max(axis=(1, 2)).astype(np.float64)
+    return _ranked(grid, scores, 0.12, budget)
+
+
+def dog_components(slices: np.ndarray, budget: float) -> np.ndarray:
+    """DoG blobs joined into 3-D components of bounded z-extent (the filter's steps 2-3 on a
+    DoG instead of the Hessian measure: edges answer too)."""
+    grid = lesion_grid(slices)
+    scores = component_scores(blob_response(grid, 1.5, 12.0), threshold=0.12, max_span=8,
+                              max_width=26, link=1, grow=0.5)
+    return _ranked(grid, scores, 0.12, budget)
+
+
+def hessian_unbounded(slices: np.ndarray, budget: float) -> np.ndarray:
+    """The filter's Hessian blob measure without the z-extent step."""
+    grid = lesion_grid(slices)
+    scores = np.abs(hessian_blob_response(grid, 1.5, 12.0)).max(axis=(1, 2)).astype(np.float64)
+    return _ranked(grid, scores, 0.02, budget)
+
+
+def z_run(slices: np.ndarray, budget: float) -> np.ndarray:
+    """Per-voxel z-runs instead of components: each strong voxel is followed up and down the
+    stack while the measure nearby stays above half its own; runs of 1-8 slices count."""
+    grid = lesion_grid(slices)
+    return _ranked(grid, run_length_scores(grid, grid=grid), 0.02, budget)
+
+
+def z_residual(slices: np.ndarray, budget: float, half: int = 5) -> np.ndarray:
+    """Through-plane model: each voxel against the median of the slices within ``half`` of it
+    (a lesion of up to ``half`` slices is outvoted), smoothed in-plane; per slice the largest
+    |residual|."""
+    from scipy import ndimage
+
+    grid = lesion_grid(slices)
+    model = ndimage.median_filter(grid, size=(2 * half + 1, 1, 1), mode="nearest")
+    resid = ndimage.gaussian_filter(grid - model, (0, 1.0, 1.0), truncate=2.5)
+    scores = np.abs(resid).max(axis=(1, 2)).astype(np.float64)
+    return _ranked(grid, scores, 0.12, budget)
+
+
+def transient_real_ct(slices: np.ndarray, budget: float) -> np.ndarray:
+    """The transient filter with the larger findings the README suggested for real CT."""
+
+    return select_slices(slices, 0.05, distance="transient", shift=3, finding_size=4,
+                         budget=budget)
+
+
+def run_length_scores(
+    slices: np.ndarray,
+    *,
+    threshold: float = 0.02,
+    max_span: int = 8,
+    min_size: float = 1.5,
+    max_size: float = 12.0,
+    link: int = 1,
+    drop: float = 0.5,
+    max_side: int = 128,
+    grid: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per slice the strongest blob on it whose z-run is bounded (0 where there is none).
+
+    For every voxel whose blob measure (:func:`hessian_blob_response`, bright and dark
+    separately) exceeds ``threshold``, the run is followed up and down the stack: it goes on
+    while the measure within ``link`` pixels in-plane stays at least ``drop`` times the
+    voxel's own. A run longer than ``max_span`` slices, or one that reaches the first or last
+    slice (its extent is unknown), is anatomy; otherwise the voxel's measure scores its slice.
+
+    Args:
+        slices: (D, H, W) or channels-last (D, H, W, C<=4), uint8 or float on [-1, 1].
+        threshold: blob measure a voxel must exceed ([-1, 1] scale; ~contrast / 4).
+        max_span: longest run that still counts as a finding, in slices.
+        min_size, max_size: blob diameters searched, in working-grid pixels.
+        link: in-plane tolerance in grid pixels when following a run to the next slice, so
+            vessels that drift between thick slices still read as one long structure.
+        drop: share of the voxel's measure below which its run has ended (0 < drop < 1).
+        max_side: longest side of the working grid.
+        grid: the working grid if already computed (:func:`lesion_grid`).
+
+    Returns:
+        float64 (D,) scores on the [-1, 1] scale.
+
+    Raises:
+        ValueError: bad shape or dtype, ``max_span`` < 1, sizes not 0 < min <= max,
+            ``link`` < 0, ``threshold`` <= 0, ``drop`` outside (0, 1).
+    """
+    from scipy import ndimage
+
+    if max_span < 1:
+        raise ValueError(f"max_span must be >= 1 slice, got {max_span}")
+    if not 0 < min_size <= max_size:
+        raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
+    if link < 0:
+        raise ValueError(f"link must be >= 0 pixels, got {link}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if not 0 < drop < 1:
+        raise ValueError(f"drop must be in (0, 1), got {drop}")
+    grid = lesion_grid(slices, max_side) if grid is None else grid
+    depth = grid.shape[0]
+    response = hessian_blob_response(grid, min_size, max_size)
+    scores = np.zeros(depth, dtype=np.float64)
+    for sign in (1.0, -1.0):
+        signed = response * np.float32(sign)
+        z, y, x = np.nonzero(signed > np.float32(threshold))
+        if z.size == 0:
+            continue
+        value = signed[z, y, x]
+        near = ndimage.maximum_filter(signed, (1, 2 * link + 1, 2 * link + 1)) if link else signed
+        bar = value * np.float32(drop)
+        length = np.ones(z.size, dtype=np.int64)
+        cut = np.zeros(z.size, dtype=bool)  # the run reached the first or last slice
+        for step in (1, -1):
+            going = np.ones(z.size, dtype=bool)
+            for k in range(1, max_span + 1):
+                zk = z + step * k
+                outside = (zk < 0) | (zk >= depth)
+                cut |= going & outside
+                going &= ~outside
+                idx = np.flatnonzero(going)
+                going[idx] = near[zk[idx], y[idx], x[idx]] >= bar[idx]
+                length += going
+                if not going.any():
+                    break
+        ok = (length <= max_span) & ~cut
+        np.maximum.at(scores, z[ok], value[ok].astype(np.float64))
+    return scores
+
+
+IDEAS = {
+    "Hessian blobs, no z-extent bound": hessian_unbounded,
+    "DoG blobs, no z-extent bound": dog_unbounded,
+    "DoG blobs + bounded 3-D components": dog_components,
+    "Hessian blobs + per-voxel z-runs": z_run,
+    "through-plane median residual": z_residual,
+    "transient shift 3 size 4": transient_real_ct,
+}

@@ -1,0 +1,400 @@
+"""The ``vllm`` engine: vLLM runs the language model on pruned visual tokens.
+
+Our code keeps the vision tower, selection and merging (:meth:`pruning.runtime.vlm.VLM.prepare_batch`);
+vLLM runs the language model only (embedding-only mode: image limit 0 with ``enable_mm_embeds``,
+so it neither loads nor profiles its vision tower). Each
+:class:`~pruning.runtime.sequence.Sample` becomes one vLLM request:
+
+- ``prompt_token_ids``: the sample's ids with each run of kept image tokens (one run per slice
+  that kept tokens) collapsed to a single ``<|image_pad|>``, which vLLM expands again to the
+  image's token count, so the prompt vLLM runs is exactly ``sample.input_ids``;
+- ``multi_modal_data["image"]``: ``image_embeds`` (T, D) the kept features in sequence order
+  (Qwen3-VL: ``[main | deepstack_0 | deepstack_1 ...]`` on the feature axis), ``image_grid_thw``
+  ``[1, m, m * k_i]`` per image (m = spatial merge size: k_i placeholders), and
+  ``kept_mrope_positions``, the original positions of the kept tokens (and of the text between
+  them) for the out-of-tree model of :mod:`pruning.runtime.engines.vllm_plugin`;
+- a slice with zero kept tokens is no image at all: its ``<|vision_start|><|vision_end|>``
+  pair stays in the prompt as text, as on the ``hf`` engine, and the position jump it causes
+  is carried by the next image's positions field (or the last one's);
+- greedy sampling, float32 on CPU; outputs are decoded from token ids with the checkpoint's
+  tokenizer exactly as the ``hf`` engine decodes them.
+
+Every request is validated before it is submitted (a wrong embedding width kills vLLM's engine
+core): feature widths, token counts per image, and that the positions reassemble exactly.
+
+Gemma3 (MedGemma) is refused with a ValueError: vLLM rejects its ``image_embeds``, and the only
+other route (``prompt_embeds``) drops both the paper's gathered positions and the bidirectional
+attention inside each image block that the ``hf`` engine keeps (``token_type_ids``), so it can
+only approximate. Use the ``hf`` engine for Gemma3.
+
+vLLM spawns its engine core in a child process (forked outside Ray actors, spawned inside them);
+see :mod:`pruning.runtime.engines.cpu_compat` for what makes that importable on CPU hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.runtime.engines.cpu_compat import ensure_torchvision_importable
+from pruning.runtime.engines.hf import EngineOutput, check_budget
+from pruning.runtime.engines.vllm_plugin import (
+    ARCHITECTURES,
+    KEPT_POSITIONS_KEY,
+    kept_mrope_positions,
+)
+
+SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One greedy answer: text (decoded as the hf engine does), token ids, log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a request must look like for one checkpoint (read from its config.json)."""
+
+    family: str
+    hidden_size: int  # width of main visual features = LM hidden size
+    deepstack_layers: int  # Qwen3-VL: extra feature blocks concatenated on the feature axis
+    merge_size: int
+    image_token_id: int
+    max_position_embeddings: int
+
+    @property
+    def embed_width(self) -> int:
+        return self.hidden_size * (1 + self.deepstack_layers)
+
+
+def check_supported(family: str) -> None:
+    """Raise ValueError unless the ``vllm`` engine runs ``family`` exactly (names what does)."""
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"engine 'vllm' cannot run {family!r} exactly: vLLM refuses precomputed image "
+            f"embeddings for it, and prompt embeddings lose its gathered positions and its "
+            f"bidirectional image attention. Supported: engine 'vllm' with families "
+            f"{list(SUPPORTED_FAMILIES)} (every method and profile); engine 'hf' with every "
+            "family.")
+
+
+def model_layout(checkpoint: str | Path) -> ModelLayout:
+    """Read the request layout of a checkpoint.
+
+    Raises:
+        ValueError: the family is not one the ``vllm`` engine runs exactly (names them).
+    """
+    from pruning.runtime.adapters import family_for_config
+    from pruning.runtime.checkpoints import resolve_checkpoint
+
+    config = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
+    family = family_for_config(config)
+    check_supported(family)
+    text, vision = config["text_config"], config["vision_config"]
+    return ModelLayout(
+        family=family, hidden_size=int(text["hidden_size"]),
+        deepstack_layers=len(vision.get("deepstack_visual_indexes") or []),
+        merge_size=int(vision["spatial_merge_size"]), image_token_id=int(config["image_token_id"]),
+        max_position_embeddings=int(text.get("max_position_embeddings", 32768)))
+
+
+def image_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a (L,) bool mask."""
+    padded = torch.cat([torch.tensor([False]), mask.cpu(), torch.tensor([False])]).int()
+    edges = torch.diff(padded)
+    starts = torch.nonzero(edges == 1).flatten().tolist()
+    ends = torch.nonzero(edges == -1).flatten().tolist()
+    return list(zip(starts, ends, strict=True))
+
+
+def positions_fields(positions: torch.Tensor, runs: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Split a prompt's (3, L) positions into per-image fields (see the plugin's layout)."""
+    num_tokens = positions.shape[1]
+    fields, cursor = [], 0
+    for i, (_, end) in enumerate(runs):
+        if i == len(runs) - 1:
+            # Extend over the tail up to its last column that does not continue by +1.
+            last = end  # at least the first column after the image
+            for j in range(end + 1, num_tokens):
+                expected = int(positions[:, j - 1].max()) + 1
+                if bool((positions[:, j] != expected).any()):
+                    last = j
+            end = min(last + 1, num_tokens)
+        fields.append(positions[:, cursor:end].to(torch.long).cpu().contiguous())
+        cursor = end
+    return fields
+
+
+def build_request(sample, layout: ModelLayout, max_images: int | None = None) -> dict[str, Any]:
+    """One vLLM prompt dict for a :class:`~pruning.runtime.sequence.Sample`; validated.
+
+    Raises:
+        ValueError: the sample does not fit the checkpoint (feature widths, token counts,
+            positions) or has more than ``max_images`` slices with kept tokens, with what was
+            expected.
+    """
+    ids = sample.input_ids.cpu()
+    mask = sample.image_mask.cpu().bool()
+    positions = sample.positions.cpu()
+    length = ids.shape[0]
+    if positions.shape != (3, length) or mask.shape != (length,):
+        raise ValueError(f"sample positions {tuple(positions.shape)} / image mask "
+                         f"{tuple(mask.shape)} must be (3, {length}) / ({length},)")
+    if bool((ids[mask] != layout.image_token_id).any()):
+        raise ValueError("the image mask must mark exactly the image-pad tokens")
+    features = sample.features.cpu()
+    count = int(mask.sum())
+    if features.shape != (count, layout.hidden_size):
+        raise ValueError(f"features {tuple(features.shape)} must be ({count} kept tokens, "
+                         f"{layout.hidden_size})")
+    deepstack = [d.cpu() for d in sample.deepstack]
+    if len(deepstack) != layout.deepstack_layers or any(d.shape != features.shape for d in deepstack):
+        raise ValueError(f"expected {layout.deepstack_layers} deepstack blocks shaped "
+                         f"{tuple(features.shape)}, got {[tuple(d.shape) for d in deepstack]}")
+    runs = image_runs(mask)
+    if max_images is not None and len(runs) > max_images:
+        raise ValueError(f"{len(runs)} slices keep tokens but the engine was started with "
+                         f"max_images={max_images}")
+    if not runs:
+        if not torch.equal(positions, torch.arange(length).expand(3, length)):
+            raise ValueError("a prompt without any kept visual token must have contiguous "
+                             "positions on engine 'vllm' (no image item carries them)")
+        return {"prompt_token_ids": ids.tolist()}
+    keep = torch.ones(length, dtype=torch.bool)
+    for start, end in runs:
+        keep[start + 1:end] = False  # one placeholder per image; vLLM expands it
+    fields = positions_fields(positions, runs)
+    rebuilt, _ = kept_mrope_positions(
+        length, [(s, e - s, f) for (s, e), f in zip(runs, fields, strict=True)])
+    if not torch.equal(rebuilt, positions):
+        raise ValueError("kept positions do not reassemble into the sample's positions")
+    embeds = torch.cat([features, *deepstack], dim=-1).to(torch.float32)  # (T, D * (1 + n))
+    m = layout.merge_size
+    grid = torch.tensor([[1, m, m * (e - s)] for s, e in runs], dtype=torch.long)  # (N, 3)
+    return {
+        "prompt_token_ids": ids[keep].tolist(),
+        "multi_modal_data": {"image": {"image_embeds": embeds, "image_grid_thw": grid,
+                                       KEPT_POSITIONS_KEY: fields}},
+    }
+
+
+def _vllm_dtype(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _engine_kwargs(checkpoint: Path, layout: ModelLayout, *, dtype: torch.dtype | str,
+                   max_model_len: int | None, max_num_seqs: int, enforce_eager: bool,
+                   kv_cache_gib: float, seed: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(
+        model=str(checkpoint), tokenizer=str(checkpoint), dtype=_vllm_dtype(dtype), seed=seed,
+        hf_overrides={"architectures": [ARCHITECTURES[layout.family]]},
+        # Embedding-only mode: a limit of 0 with enable_mm_embeds skips loading and profiling
+        # the vision tower (ours runs it); the image count is checked in build_request.
+        enable_mm_embeds=True, limit_mm_per_prompt={"image": 0},
+        max_model_len=max_model_len or min(layout.max_position_embeddings, 32768),
+        max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30), enable_prefix_caching=True,
+        trust_remote_code=False, disable_log_stats=True,
+    )
+    kwargs.update(extra or {})
+    return kwargs
+
+
+def _prepare_process() -> None:
+    ensure_torchvision_importable()
+    from pruning.runtime.engines.vllm_plugin import register
+
+    register()  # the entry point does this in vLLM's own processes; here for this one
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` on one checkpoint, generating greedily from pruned samples (the engine
+    seam of :class:`pruning.runtime.engines.hf.HFEngine`).
+
+    Args:
+        checkpoint: local checkpoint directory (Qwen2.5-VL or Qwen3-VL family).
+        dtype: weights and activations (the ``hf`` engine's: float32 on CPU, bfloat16 on CUDA).
+        max_images: most slices with kept tokens one prompt may carry (checked here; vLLM
+            runs in embedding-only mode and never loads the vision tower).
+        max_model_len: longest prompt + answer (default: the model's, capped at 32768).
+        max_num_seqs: most requests batched together.
+        enforce_eager: skip torch.compile / graphs (start-up ~30 s instead of ~110 s on CPU).
+        kv_cache_gib: KV-cache size.
+        engine_args: any further ``vllm.LLM`` keyword arguments (override the above).
+
+    Raises:
+        ValueError: unsupported family (names the supported combinations).
+    """
+
+    name = "vllm"
+
+    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                 max_images: int = 128,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 enforce_eager: bool = True, kv_cache_gib: float = 2.0, seed: int = 0,
+                 engine_args: dict[str, Any] | None = None):
+        from pruning.runtime.checkpoints import resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.layout = model_layout(self.checkpoint)
+        self.max_images = max_images
+        _prepare_process()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
+        self.llm = LLM(**_engine_kwargs(
+            self.checkpoint, self.layout, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+            seed=seed, extra=engine_args))
+
+    def requests(self, samples: Sequence[Any]) -> list[dict[str, Any]]:
+        """Validated vLLM prompts for samples (all checked before any is submitted)."""
+        return [build_request(s, self.layout, self.max_images) for s in samples]
+
+    def generate(self, samples: Sequence[Any], max_new_tokens: int,
+                 min_new_tokens: int = 0) -> EngineOutput:
+        """Greedy answers, one per sample, decoded as the ``hf`` engine decodes them.
+
+        vLLM does not report when a batch's prefill ends, so ``t_prefill`` is NaN and
+        ``t_decode`` is the whole call.
+        """
+        prompts = self.requests(samples)
+        params = sampling_params(max_new_tokens, min_new_tokens)
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        texts = [decode(self.tokenizer, o.outputs[0].token_ids) for o in outputs]
+        return EngineOutput(texts, math.nan, time.perf_counter() - start)
+
+    def generate_completions(self, samples: Sequence[Any], max_new_tokens: int,
+                             min_new_tokens: int = 0) -> list[Completion]:
+        """Greedy answers with their token ids and each token's log-probability (raw logits)."""
+        params = sampling_params(max_new_tokens, min_new_tokens)
+        params.logprobs = 0  # the chosen token's own log-probability
+        outputs = self.llm.generate(self.requests(samples), params, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            ids = list(out.outputs[0].token_ids)
+            logprobs = [step[tok].logprob for tok, step in zip(ids, out.outputs[0].logprobs,
+                                                                strict=True)]
+            completions.append(Completion(decode(self.tokenizer, ids), ids, logprobs))
+        return completions
+
+    def shutdown(self) -> None:
+        """Stop the engine core process."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+
+
+class AsyncVLLMEngine:
+    """vLLM's ``AsyncLLM`` on one checkpoint: concurrent callers are batched continuously.
+
+    For Ray Serve: one per replica; each HTTP request awaits :meth:`generate` or iterates
+    :meth:`stream`. vLLM binds the engine to the event loop of its first request: use it from
+    one loop only (a Serve replica's). Same arguments as :class:`VLLMEngine`.
+    """
+
+    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                 max_images: int = 128,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 enforce_eager: bool = True, kv_cache_gib: float = 2.0, seed: int = 0,
+                 engine_args: dict[str, Any] | None = None):
+        from pruning.runtime.checkpoints import resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.layout = model_layout(self.checkpoint)
+        self.max_images = max_images
+        _prepare_process()
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
+        kwargs = _engine_kwargs(
+            self.checkpoint, self.layout, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+            seed=seed, extra=engine_args)
+        kwargs.pop("disable_log_stats", None)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(disable_log_stats=True, **kwargs))
+
+    async def generate(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+        """The greedy answer for one sample (validated before it is submitted)."""
+        return (await self.complete(sample, max_new_tokens, min_new_tokens)).text
+
+    async def complete(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> Completion:
+        """The greedy answer with its token ids and log-probabilities."""
+        outputs = [o async for o in self._outputs(sample, max_new_tokens, min_new_tokens,
+                                                  logprobs=True)]
+        out = outputs[-1]  # cumulative: the last one holds the whole answer
+        ids = list(out.token_ids)
+        logprobs = [step[tok].logprob for tok, step in zip(ids, out.logprobs, strict=True)]
+        return Completion(decode(self.tokenizer, ids), ids, logprobs)
+
+    async def stream(self, sample, max_new_tokens: int, min_new_tokens: int = 0
+                     ) -> AsyncIterator[str]:
+        """Text deltas of the greedy answer as tokens arrive; they join to :meth:`generate`."""
+        sent, ids = "", []
+        async for out in self._outputs(sample, max_new_tokens, min_new_tokens):
+            ids = list(out.token_ids)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            if text.startswith(sent) and not text.endswith("\ufffd"):  # no half characters
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                sent = text
+        final = decode(self.tokenizer, ids)
+        if final.startswith(sent) and len(final) > len(sent):
+            yield final[len(sent):]
+
+    async def _outputs(self, sample, max_new_tokens: int, min_new_tokens: int,
+                       logprobs: bool = False):
+        """Cumulative ``CompletionOutput`` of one request as the engine produces tokens."""
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt = build_request(sample, self.layout, self.max_images)
+        params = sampling_params(max_new_tokens, min_new_tokens)
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        if logprobs:
+            params.logprobs = 0
+        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            yield out.outputs[0]
+
+    def shutdown(self) -> None:
+        """Stop the engine core process (idempotent)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            del engine  # collected now, not by a finaliser at interpreter exit
+
+
+def sampling_params(max_new_tokens: int, min_new_tokens: int = 0):
+    """Greedy ``SamplingParams`` with the ``hf`` engine's length bounds.
+
+    Raises:
+        ValueError: bounds outside 1 <= max_new_tokens, 0 <= min_new_tokens <= max_new_tokens.
+    """
+    from vllm import SamplingParams
+
+    check_budget(max_new_tokens, min_new_tokens)
+    return SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                          detokenize=False)
+
+
+def decode(tokenizer, token_ids: Sequence[int]) -> str:
+    """Text of generated ids exactly as the ``hf`` engine decodes them."""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
