@@ -306,7 +306,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
                              dtype=dtype, attn_implementation=attn_implementation or _attn_for(dev))
     if engine == "vllm":
         adapter.drop_language_model(net)
-        net.to(dev)
+        for module in adapter.vision_modules(net):
+            module.to(dev)
     adapter.bind(net)
     processor = adapter.load_processor(ckpt)
     recipe = recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,

@@ -103,7 +103,6 @@ def test_resume_retries_transient_rows_by_default_and_permanent_ones_on_request(
 
 def test_an_error_rate_over_the_limit_fails_the_job(tmp_path: Path, monkeypatch, capsys) -> None:
     import jobs.evaluate
-    import pipeline.graph
     from pipeline.graph import EvalResult
 
     config = tmp_path / "job.yaml"
@@ -119,13 +118,13 @@ def test_an_error_rate_over_the_limit_fails_the_job(tmp_path: Path, monkeypatch,
             f"{errors} of 10 rows failed: transient load: EndpointConnectionError x{errors}",
             transient)
 
-    monkeypatch.setattr("pipeline.metrics.summary.summary_markdown", lambda s: "")
-    monkeypatch.setattr(pipeline.graph, "run_evaluation", finished(6, 6))
+    monkeypatch.setattr(jobs.evaluate, "summary_markdown", lambda s: "")
+    monkeypatch.setattr(jobs.evaluate, "run_evaluation", finished(6, 6))
     assert jobs.evaluate.main(["--config", str(config)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "over run.max_error_rate=0.5" in err[0]
     assert "EndpointConnectionError x6" in err[0] and "re-run" in err[0]
-    monkeypatch.setattr(pipeline.graph, "run_evaluation", finished(5, 0))
+    monkeypatch.setattr(jobs.evaluate, "run_evaluation", finished(5, 0))
     assert jobs.evaluate.main(["--config", str(config)]) == 0
     assert jobs.evaluate.main(["--config", str(config), "run.max_error_rate=0.4"]) == 1
 

@@ -57,6 +57,10 @@ class Adapter(ABC):
         model.lm_head.to("meta")
 
     @abstractmethod
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that turn pixels into LLM-space features (tower + projector)."""
+
+    @abstractmethod
     def load_processor(self, ckpt: Path) -> Any:
         """The checkpoint's processor (tokenizer + image processor + chat template)."""
 

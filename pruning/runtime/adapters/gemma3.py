@@ -63,6 +63,9 @@ class Gemma3Adapter(Adapter):
     def vision_config(self, model: nn.Module) -> Any:
         return model.model.vision_tower.config
 
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.model.vision_tower, model.model.multi_modal_projector]
+
     def attention_layers(self, model: nn.Module) -> list[nn.Module]:
         return [layer.self_attn for layer in model.model.vision_tower.encoder.layers]
 

@@ -53,6 +53,9 @@ class QwenAdapter(Adapter):
     def vision_config(self, model: nn.Module) -> Any:
         return model.model.visual.config
 
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.model.visual]  # the merger (projector) is inside the tower
+
     def attention_layers(self, model: nn.Module) -> list[nn.Module]:
         return [block.attn for block in model.model.visual.blocks]
 
