@@ -1,4 +1,4 @@
-"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions}``.
+"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions,engine}``.
 
 Benchmarks print ratios measured side by side in one run; they never assert timings.
 """
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "serve": "HTTP latency and throughput with and without @serve.batch",
     "quality": "phantom benchmark: accuracy, R-Rate and lesion recall per method",
     "lesions": "inserted lesions in real CT / MRI: lesion-slice recall per slice filter at matched budgets",
+    "engine": "hf generate vs the vLLM engine on the same pruned inputs at concurrency 1 / 8 / 32",
 }
 
 

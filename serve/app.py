@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -180,9 +180,16 @@ class ModelServer:
         logging.getLogger("medpruner").setLevel(cfg.log_level)
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                  max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
-                                 slice_size=cfg.slice_size)
-        self._batching = cfg.infer.batching.enabled
-        self._lock = threading.Lock()  # one generate at a time on this replica's model
+                                 slice_size=cfg.slice_size, engine=cfg.engine, serving=True)
+        engine = self._stage.vlm.engine
+        # vllm batches continuously across concurrent requests: each one runs the stage in its
+        # own worker thread (the vision tower and hf generate lock themselves), and the engine's
+        # loop bridge hands every answer to vLLM's async engine on this replica's event loop.
+        # hf gathers requests with @serve.batch windows instead.
+        self._continuous = engine.name == "vllm"
+        self._batching = cfg.infer.batching.enabled and not self._continuous
+        self._threads = ThreadPoolExecutor(max_workers=cfg.infer.max_ongoing_requests,
+                                           thread_name_prefix="model")
         self.infer_batch.set_max_batch_size(cfg.infer.resources.batch_size)
         self.infer_batch.set_batch_wait_timeout_s(cfg.infer.batching.batch_wait_timeout_s)
 
@@ -190,7 +197,7 @@ class ModelServer:
         """Model facts; answering at all means the model is loaded."""
         vlm = self._stage.vlm
         return {"family": vlm.family, "device": str(vlm.device), "batching": self._batching,
-                "vision_layers": self._vision_layers(vlm)}
+                "engine": vlm.engine.name, "vision_layers": self._vision_layers(vlm)}
 
     @staticmethod
     def _vision_layers(vlm: Any) -> int | None:
@@ -207,19 +214,25 @@ class ModelServer:
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the stage over ``rows`` (each with its own ``max_new_tokens``), keeping order."""
-        with self._lock:  # one generate at a time on this replica's model
-            return batch_to_rows(self._stage(rows_to_batch(rows)))
+        return batch_to_rows(self._stage(rows_to_batch(rows)))
+
+    async def _in_thread(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        if self._continuous:
+            self._stage.vlm.engine.bind(loop)  # vLLM's async engine lives on this loop
+        return await loop.run_in_executor(self._threads, self._run, rows)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def infer_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Gathered requests in one stage call (sizes set from the config in __init__)."""
-        return await asyncio.to_thread(self._run, rows)
+        return await self._in_thread(rows)
 
     async def infer(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One request: through the batcher, or alone when batching is disabled."""
+        """One request: through the batcher (hf), or alone (batching off, or vllm, whose
+        engine batches concurrent requests itself)."""
         if self._batching:
             return await self.infer_batch(row)
-        return (await asyncio.to_thread(self._run, [row]))[0]
+        return (await self._in_thread([row]))[0]
 
 
 @serve.deployment

@@ -73,6 +73,7 @@ class AnalyzeResponse(BaseModel):
     answer: str
     task: Task
     pruning: dict[str, Any] = Field(..., description="the full PruningConfig actually used")
+    engine: str | None = Field(None, description="what generated the answer: hf or vllm")
     stats: AnalyzeStats
     timings: dict[str, float]
     kept_tokens: list[list[int]] | None = None

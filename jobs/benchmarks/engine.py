@@ -26,12 +26,17 @@ import os
 import statistics
 import time
 
+from pipeline.synthetic.ct import make_phantom
+from pruning import PruningConfig
+from pruning.runtime.checkpoints import resolve_checkpoint
+from pruning.runtime.engines.hf import HFEngine
+from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine
+from pruning.runtime.vlm import load_vlm
+
 PROMPTS = ("Is there a lesion?", "Which organ contains the lesion?",
            "How many lesions are visible?", "Please generate a report for the given images.")
 def _samples(vlm, args) -> list:
     """Pruned samples of ``--volumes`` distinct phantom volumes (prompts cycle)."""
-    from pipeline.synthetic.ct import make_phantom
-    from pruning import PruningConfig
 
     pruning = PruningConfig(method=args.method)
     volumes = [make_phantom(args.seed + i, depth=args.slices, size=args.phantom_size).volume
@@ -73,8 +78,6 @@ class _HFBatcher:
         return await future
 
     async def _drain(self):
-        from pruning.runtime.engines.hf import HFEngine
-
         engine = HFEngine(self.vlm)
         while self.pending:
             batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
@@ -105,9 +108,6 @@ def _row(wall: float, latencies: list[float], requests: int, new_tokens: int) ->
 
 def bench_model(name: str, args) -> tuple[dict, dict]:
     """{concurrency: {engine: row}} for one model, plus what the inputs were."""
-    from pruning.runtime.checkpoints import resolve_checkpoint
-    from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine
-    from pruning.runtime.vlm import load_vlm
 
     ckpt = resolve_checkpoint(name, cache_dir=args.cache_dir)
     vlm = load_vlm(ckpt)

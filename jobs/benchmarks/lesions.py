@@ -75,13 +75,11 @@ def _seed(*parts: object) -> int:
 
 
 def _recipe(size: int):
-
     return SliceRecipe(family="qwen2_5_vl", fixed_size=(size, size), image_mean=(0.5, 0.5, 0.5),
                        image_std=(0.5, 0.5, 0.5))
 
 
 def _scans(split: str, args) -> list:
-
     if args.synthetic:
         names = SPLITS[split][:2]
         return [RealScan(f"synthetic-{n}", synthetic_chest(_seed(split, n)), (5.0, 2.5, 2.5), "CT")

@@ -38,12 +38,10 @@ PROMPT = "Please generate a report for the given images, including findings and 
 
 
 def _phantom(depth: int, size: int, seed: int):
-
     return make_phantom(seed, depth=depth, size=size).volume
 
 
 def _checkpoint(family: str, workdir: Path) -> Path:
-
     path = workdir / family
     if not (path / "config.json").is_file():
         make_tiny_vlm(family, path, size="bench")

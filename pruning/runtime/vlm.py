@@ -21,6 +21,7 @@ volume, ``VLM.generate_batch`` several (left padding; greedy output equals one-b
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -94,6 +95,9 @@ class VLM:
         self.vision_batch_size = vision_batch_size
         self.lut = torch.from_numpy(recipe.lut()).to(self.device)  # (3, 256) float32
         self.engine = engine if engine is not None else HFEngine(self)
+        # The tower is shared by the threads of a server: attention capture swaps its attention
+        # function, so one volume batch at a time goes through it (engines lock themselves).
+        self._vision_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public API
     def generate(self, volume, prompt: str, *, pruning: PruningConfig | dict | None = None,
@@ -159,8 +163,9 @@ class VLM:
         staged = [self._slice_stage(i, v, p, pruning, modality, None if plans is None else plans[i])
                   for i, (v, p) in enumerate(zip(volumes, prompts, strict=True))]
         capture = pruning.capture(len(self.adapter.attention_layers(self.model)))
-        encoded, t_vision, t_capture = self._encode([s[1] for s in staged], capture,
-                                                    pruning.profile)
+        with self._vision_lock:
+            encoded, t_vision, t_capture = self._encode([s[1] for s in staged], capture,
+                                                        pruning.profile)
         share = len(staged)
         samples, timings = [], []
         for (plan, slices, prompt, t_iaf), enc in zip(staged, encoded, strict=True):
@@ -261,7 +266,7 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
              slice_size: tuple[int, int] | None = None, window: str = "soft_tissue",
              rgb_packing: bool = False, vision_batch_size: int = 32,
              cache_dir: str | None = None, engine: str = "hf",
-             engine_options: dict[str, Any] | None = None) -> VLM:
+             engine_options: dict[str, Any] | None = None, serving: bool = False) -> VLM:
     """Load a checkpoint directory (or a cached hub id) as a :class:`VLM`; never downloads.
 
     Args:
@@ -278,6 +283,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
             only the vision tower is kept here) or ``auto`` (see
             :func:`pruning.runtime.engines.resolve_engine`).
         engine_options: keyword arguments of the ``vllm`` engine (e.g. ``max_num_seqs``).
+        serving: with ``vllm``, run vLLM's async engine for a server's event loop
+            (:class:`~pruning.runtime.engines.vllm_engine.LoopBridge`) instead of ``vllm.LLM``.
 
     Raises:
         FileNotFoundError: the checkpoint is not available locally.
@@ -315,7 +322,10 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
     vlm = VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)
     if engine == "vllm":
-        from pruning.runtime.engines.vllm_engine import VLLMEngine
+        from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine, LoopBridge, VLLMEngine
 
-        vlm.engine = VLLMEngine(ckpt, dtype=dtype, **(engine_options or {}))
+        if serving:
+            vlm.engine = LoopBridge(AsyncVLLMEngine(ckpt, dtype=dtype, **(engine_options or {})))
+        else:
+            vlm.engine = VLLMEngine(ckpt, dtype=dtype, **(engine_options or {}))
     return vlm

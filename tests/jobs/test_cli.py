@@ -133,3 +133,12 @@ def test_phantom_benchmark_dataset_and_model_resolve(tmp_path: Path) -> None:
     assert (Path(resolve_model("phantom")) / "config.json").exists()
     with pytest.raises(ConfigError, match="format: jsonl"):
         load_config(path, ["dataset.format=hulu"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_engine_override_works_on_every_shipped_config(path: Path) -> None:
+    config = load_config(path, ["model.engine=vllm"])
+    assert config.model.engine == "vllm" and config.model.path
+    assert load_config(path, ["model=tiny:qwen3_vl", "model.engine=hf"]).model.path == "tiny:qwen3_vl"
+    with pytest.raises(ConfigError, match="model.engine"):
+        load_config(path, ["model.engine=tgi"])

@@ -9,6 +9,7 @@ before every clock read.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ class HFEngine:
 
     def __init__(self, vlm: Any) -> None:
         self.vlm = vlm
+        self._lock = threading.Lock()  # one generate at a time on the model
 
     def generate(self, samples: list[Sample], max_new_tokens: int,
                  min_new_tokens: int = 0) -> EngineOutput:
@@ -72,13 +74,14 @@ class HFEngine:
         if config.pad_token_id is None:
             config.pad_token_id = vlm.processor.tokenizer.pad_token_id
         clock = _PrefillClock(vlm.device)
-        synchronize(vlm.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = vlm.model.generate(**inputs, generation_config=config,
-                                     logits_processor=LogitsProcessorList([clock]))
-        synchronize(vlm.device)
-        end = time.perf_counter()
+        with self._lock:  # one generate at a time on the model; clocks start once it is ours
+            synchronize(vlm.device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = vlm.model.generate(**inputs, generation_config=config,
+                                         logits_processor=LogitsProcessorList([clock]))
+            synchronize(vlm.device)
+            end = time.perf_counter()
         first = clock.first if clock.first is not None else end
         new = out[:, inputs["input_ids"].shape[1]:]
         texts = vlm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -33,6 +33,7 @@ see :mod:`pruning.runtime.engines.cpu_compat` for what makes that importable on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -398,3 +399,41 @@ def sampling_params(max_new_tokens: int, min_new_tokens: int = 0):
 def decode(tokenizer, token_ids: Sequence[int]) -> str:
     """Text of generated ids exactly as the ``hf`` engine decodes them."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+class LoopBridge:
+    """The ``vllm`` engine for callers in worker threads of a server whose event loop owns an
+    :class:`AsyncVLLMEngine` (a Ray Serve replica).
+
+    :meth:`generate` has the synchronous engine's signature (so the model stage runs unchanged
+    in a worker thread); it submits every sample to the loop and waits, so requests of several
+    threads reach vLLM together and are batched continuously. :meth:`bind` names the loop
+    (the first request's, which vLLM binds to).
+    """
+
+    name = "vllm"
+
+    def __init__(self, engine: AsyncVLLMEngine) -> None:
+        self.engine = engine
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Use ``loop`` (the server's running loop) for every request from now on."""
+        if self.loop is None:
+            self.loop = loop
+
+    def generate(self, samples: Sequence[Any], max_new_tokens: int,
+                 min_new_tokens: int = 0) -> EngineOutput:
+        """Greedy answers, submitted together to the loop's engine (call from a worker thread)."""
+        if self.loop is None:
+            raise RuntimeError("LoopBridge.bind(loop) must run before generate")
+        check_budget(max_new_tokens, min_new_tokens)
+        start = time.perf_counter()
+        futures = [asyncio.run_coroutine_threadsafe(
+            self.engine.generate(s, max_new_tokens, min_new_tokens), self.loop) for s in samples]
+        texts = [f.result() for f in futures]
+        return EngineOutput(texts, math.nan, time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        """Stop the engine core process."""
+        self.engine.shutdown()

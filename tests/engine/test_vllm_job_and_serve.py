@@ -1,0 +1,121 @@
+"""The vllm engine through the evaluation job (Ray Data) and through Ray Serve over real HTTP.
+
+- Job: the demo config on a few held-out phantom questions with ``model.engine=vllm``: every
+  row present, each prediction equal to the ``hf`` run's.
+- Serve: the phantom model with ``engine=vllm``: 16 concurrent ``/v1/analyze`` requests all
+  answered, each equal to its sequential answer; one streaming chat completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.graph import run_evaluation
+from tests.engine.conftest import requires_vllm
+from tests.jobs.helpers import REPO, free_port, start_local_ray
+from tests.serve.conftest import npy_bytes, phantom_volume
+
+pytestmark = [requires_vllm, pytest.mark.ray, pytest.mark.slow]
+METHODS = "methods=[{name: original, method: original}, {name: medpruner, method: medpruner}," \
+          " {name: uniform, method: uniform, uniform_ratio: 0.36}," \
+          " {name: random, method: random, random_ratio: 0.34}]"
+
+
+def test_job_with_vllm_equals_hf(tmp_path) -> None:
+    import ray
+
+    start_local_ray()
+    try:
+        results = {}
+        for engine in ("hf", "vllm"):
+            config = load_config(REPO / "jobs/configs/demo.yaml", [
+                f"output={tmp_path / engine}", f"cache_dir={tmp_path / 'cache'}",
+                "dataset.synthetic_volumes=12", METHODS, f"model.engine={engine}",
+                "stages.infer.batch_size=16", "run.progress_interval_s=60"])
+            result = run_evaluation(config, log=lambda _: None)
+            table = pq.read_table(result.results_uri).to_pylist()
+            assert len(table) == 12 * 4 and all(r["error"] == "" for r in table)
+            assert {r["engine"] for r in table} == {engine}
+            results[engine] = {(r["id"], r["method"]): (r["prediction"], r["kept_tokens_json"])
+                               for r in table}
+        assert results["vllm"] == results["hf"]
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served_vllm(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    cache = tmp_path_factory.mktemp("cache")
+    args = {"model": "phantom", "engine": "vllm", "cache_dir": str(cache), "max_new_tokens": 4,
+            "pruning": {"method": "medpruner"},
+            "ingress": {"resources": {"num_cpus": 0.25}, "max_ongoing_requests": 64},
+            "preprocess": {"resources": {"num_cpus": 0.5, "max_actors": 1},
+                           "max_ongoing_requests": 16, "max_queued_requests": 64},
+            "infer": {"resources": {"num_cpus": 1}, "max_ongoing_requests": 32,
+                      "max_queued_requests": 64}}
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             object_store_memory=300 * 1024**2, log_to_driver=False, configure_logging=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300},
+                    logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        serve.run(build_app(args), name="vllm", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _body(seed: int) -> dict:
+    data = base64.b64encode(npy_bytes(phantom_volume(depth=8, side=64, seed=seed))).decode()
+    return {"volume": {"data": data, "format": "npy"}, "task": "closed",
+            "question": "Is there a lesion in this CT volume?", "choices": {"A": "yes", "B": "no"}}
+
+
+def test_concurrent_requests_equal_sequential(served_vllm) -> None:
+    bodies = [_body(seed) for seed in range(16)]
+    sequential = []
+    with httpx.Client(timeout=300) as client:
+        for body in bodies:
+            r = client.post(served_vllm + "/v1/analyze", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["engine"] == "vllm"
+            sequential.append((r.json()["answer"], r.json()["stats"]))
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(served_vllm + "/v1/analyze", json=b)
+                                          for b in bodies))
+
+    concurrent = asyncio.run(burst())
+    assert [r.status_code for r in concurrent] == [200] * 16
+    assert [(r.json()["answer"], r.json()["stats"]) for r in concurrent] == sequential
+
+
+def test_streaming_chat_completion(served_vllm) -> None:
+    data = base64.b64encode(npy_bytes(phantom_volume(depth=8, side=64))).decode()
+    body = {"model": "medpruner-phantom", "stream": True, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [
+            {"type": "input_volume", "volume": {"data": data, "format": "npy"}},
+            {"type": "text", "text": "Is there a lesion in this CT volume?"}]}]}
+    with httpx.stream("POST", served_vllm + "/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    plain = httpx.post(served_vllm + "/v1/chat/completions", json=body | {"stream": False},
+                       timeout=300).json()
+    assert text == plain["choices"][0]["message"]["content"]
