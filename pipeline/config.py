@@ -12,10 +12,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.datasets.records import DATASET_FORMATS
 from pipeline.io.limits import DecodeLimits
@@ -123,6 +131,24 @@ class DatasetConfig(StrictModel):
         return self
 
 
+def _positive_size(value: tuple[int, int] | None) -> tuple[int, int] | None:
+    if value is not None and min(value) < 1:
+        raise ValueError(f"slice_size must be two positive pixel counts, got {value}")
+    return value
+
+
+# The model-side choices the evaluation job and Serve share.
+EngineChoice = Annotated[Literal["auto", "hf", "vllm"], Field(
+    description="what generates from the pruned tokens: 'hf' (transformers generate, the "
+    "parity reference) or 'vllm' (vLLM's paged KV cache and continuous batching, Qwen "
+    "families); 'auto' is vllm when it is installed and a GPU is present, else hf")]
+SliceSize = Annotated[tuple[int, int] | None, AfterValidator(_positive_size), Field(
+    description="(height, width): resize every volume as the checkpoint's processor would "
+    "resize a slice of this size (uniform batches; token counts then differ from the "
+    "processor's for other sizes). None: each volume from its own slice size, as the "
+    "processor does")]
+
+
 class ModelConfig(StrictModel):
     """The checkpoint to evaluate."""
 
@@ -133,22 +159,8 @@ class ModelConfig(StrictModel):
     )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
-    engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="what generates from the pruned tokens: 'hf' (transformers "
-        "generate, the parity reference) or 'vllm' (vLLM continuous batching, Qwen families); "
-        "'auto' is vllm when it is installed and a GPU is present, else hf")
-    slice_size: tuple[int, int] | None = Field(
-        None, description="(height, width): resize every volume as the checkpoint's processor "
-        "would resize a slice of this size (uniform batches; token counts then differ from the "
-        "processor's for other sizes). None: each volume from its own slice size, as the "
-        "processor does")
-
-    @field_validator("slice_size")
-    @classmethod
-    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and min(value) < 1:
-            raise ValueError(f"slice_size must be two positive pixel counts, got {value}")
-        return value
+    engine: EngineChoice = "auto"
+    slice_size: SliceSize = None
 
     @model_validator(mode="before")
     @classmethod

@@ -85,7 +85,7 @@ class _Methods:
     def __init__(self, methods: Mapping[str, PruningConfig] | None) -> None:
         self.by_name = dict(methods or {})
 
-    def __call__(self, ref: Any) -> PruningConfig:
+    def __call__(self, ref: MethodRef | bytes) -> PruningConfig:
         if isinstance(ref, PruningConfig):
             return ref
         name = _str(ref)

@@ -20,6 +20,8 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from pipeline.config import (
     ConfigError,
+    EngineChoice,
+    SliceSize,
     StageResources,
     StrictModel,
     apply_overrides,
@@ -142,13 +144,8 @@ class ServeAppConfig(StrictModel):
     dtype: str | None = Field(None, description="torch dtype name (None: model default)")
     pruning: PruningField = Field(default_factory=PruningConfig,
                                   description="default pruning; requests override fields")
-    engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="'hf' (transformers generate, @serve.batch windows) or 'vllm' "
-        "(vLLM's async engine, continuous batching); 'auto' is vllm with a GPU and vllm "
-        "installed, else hf")
-    slice_size: tuple[int, int] | None = Field(
-        None, description="(height, width): resize every volume as the processor would a slice "
-        "of this size (None: each volume from its own size, as the processor does)")
+    engine: EngineChoice = "auto"
+    slice_size: SliceSize = None
     max_new_tokens: int = Field(64, ge=1, description="default generation budget")
     request_timeout_s: float = Field(120.0, gt=0, description="end-to-end budget of one "
                                      "request inside the app (504 after it)")

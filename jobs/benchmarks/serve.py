@@ -1,14 +1,16 @@
 """Serve benchmark: HTTP latency/throughput with and without ``@serve.batch`` + graph overhead.
 
-``python -m jobs.benchmark serve [--size tiny|bench] [--requests 48] [--depth 8]
-[--max-new-tokens 24]``
+``python -m jobs.benchmark serve [--size tiny|bench] [--engine hf|vllm] [--requests 48]
+[--depth 8] [--max-new-tokens 24]``
 
 Starts a local Ray (4 logical CPUs) and Serve on 127.0.0.1 (a free port), serves a tiny
 offline model and measures, side by side in one run:
 - the HTTP + graph overhead: one request over HTTP (batching off, concurrency 1) against the
   same work done in process (``LoadStage`` + ``InferStage`` on one row), interleaved call by
   call so both see the same machine load;
-- p50/p95 latency and requests/s at concurrency 1, 4 and 16, with batching on and off.
+- p50/p95 latency and requests/s at concurrency 1, 4 and 16: with ``--engine hf``,
+  ``@serve.batch`` off and on; with ``--engine vllm`` (the phantom checkpoint: vLLM's CPU
+  attention refuses the tiny models' head size), vLLM's continuous batching.
 Traffic goes to loopback only and is bounded by ``--requests``.
 """
 
@@ -74,14 +76,15 @@ async def _traffic(url: str, bodies: list[dict], concurrency: int, total: int):
     return latencies, len(latencies) / wall, failures
 
 
-def _overhead(url: str, model_dir: str, body: dict, pruning: PruningConfig, repeats: int):
+def _overhead(url: str, model_dir: str, body: dict, pruning: PruningConfig, repeats: int,
+              engine: str):
     """Interleaved direct (in-process stages) and HTTP latencies of the same request."""
     import httpx
     import torch
 
     torch.set_num_threads(1)  # as the model replica (num_cpus=1 -> OMP_NUM_THREADS=1)
     load = LoadStage(model_dir)
-    infer = InferStage(model_dir, max_new_tokens=body["max_new_tokens"])
+    infer = InferStage(model_dir, max_new_tokens=body["max_new_tokens"], engine=engine)
     row = {"id": ["b"], "volume_uri": [""], "volume_format": ["npy"],
            "volume_bytes": [base64.b64decode(body["volume"]["data"])],
            "pruning": [pruning], "prompt": [build_prompt(QUESTION, "open")]}
@@ -106,8 +109,9 @@ def _overhead(url: str, model_dir: str, body: dict, pruning: PruningConfig, repe
     return direct, http, gaps
 
 
-def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool) -> dict:
-    return {"model": model_dir, "pruning": pruning, "log_level": "ERROR",
+def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool,
+              engine: str) -> dict:
+    return {"model": model_dir, "pruning": pruning, "log_level": "ERROR", "engine": engine,
             "max_new_tokens": max_new_tokens, "request_timeout_s": 600,
             "preprocess": {"resources": {"num_cpus": 1, "min_actors": 2, "max_actors": 2,
                                          "batch_size": 1}},
@@ -118,13 +122,16 @@ def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool
 
 def _print(opts: argparse.Namespace, rows: list, direct: list[float], http: list[float],
            gaps: list[float]) -> None:
-    print(f"\nServe benchmark: {opts.size} qwen2_5_vl model, {opts.depth}x64x64 int16 npy "
+    model = "phantom" if opts.engine == "vllm" else f"{opts.size} qwen2_5_vl"
+    print(f"\nServe benchmark, engine {opts.engine}: {model} model, {opts.depth}x64x64 int16 npy "
           f"volumes inline, {opts.max_new_tokens} new tokens, medpruner tau=0.9 gamma=0.05, "
           f"127.0.0.1\n")
-    print("| @serve.batch | concurrency | requests | p50 ms | p95 ms | req/s | non-200 |")
+    print("| batching | concurrency | requests | p50 ms | p95 ms | req/s | non-200 |")
     print("|---|---|---|---|---|---|---|")
     for batching, c, total, p50, p95, rps, failures in rows:
-        print(f"| {'on' if batching else 'off'} | {c} | {total} | {p50 * 1e3:.1f} | "
+        mode = "continuous (vllm)" if opts.engine == "vllm" else (
+            "@serve.batch" if batching else "off")
+        print(f"| {mode} | {c} | {total} | {p50 * 1e3:.1f} | "
               f"{p95 * 1e3:.1f} | {rps:.2f} | {failures} |")
     d50, d95 = _percentiles(direct)
     h50, h95 = _percentiles(http)
@@ -137,8 +144,12 @@ def _print(opts: argparse.Namespace, rows: list, direct: list[float], http: list
           f"difference); {statistics.median(gaps) * 1e3:.1f} ms net of the stages' own timed "
           f"work (target < 30 ms)")
     rps = {(b, c): r for b, c, _, _, _, r, _ in rows}
-    print(f"Batching throughput at c=16: {rps[(True, 16)] / rps[(False, 16)]:.2f}x "
-          f"(target >= 1.5x)")
+    if opts.engine == "vllm":
+        print(f"Continuous batching: throughput at c=16 / c=1: "
+              f"{rps[(False, 16)] / rps[(False, 1)]:.2f}x (target >= 1.5x)")
+    else:
+        print(f"Batching throughput at c=16: {rps[(True, 16)] / rps[(False, 16)]:.2f}x "
+              f"(target >= 1.5x)")
 
 
 def main(argv: list[str]) -> int:
@@ -148,6 +159,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
     parser.add_argument("--depth", type=int, default=8, help="slices per volume")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     opts = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -155,8 +167,12 @@ def main(argv: list[str]) -> int:
     from ray import serve
 
     cache = tempfile.mkdtemp(prefix="medpruner-serve-bench-")
-    model_dir = (resolve_model("tiny:qwen2_5_vl", cache) if opts.size == "tiny"
-                 else str(make_tiny_vlm("qwen2_5_vl", os.path.join(cache, "bench"), size="bench")))
+    if opts.engine == "vllm":
+        model_dir = resolve_model("phantom")
+    elif opts.size == "tiny":
+        model_dir = resolve_model("tiny:qwen2_5_vl", cache)
+    else:
+        model_dir = str(make_tiny_vlm("qwen2_5_vl", os.path.join(cache, "bench"), size="bench"))
     pruning = PruningConfig(method="medpruner", tau=0.9, gamma=0.05)
     bodies = [{"volume": {"data": base64.b64encode(_volume(s, opts.depth)).decode(),
                           "format": "npy"}, "question": QUESTION, "task": "open",
@@ -172,13 +188,14 @@ def main(argv: list[str]) -> int:
     url = f"http://127.0.0.1:{port}"
     rows: list = []
     try:
-        for batching in (False, True):
-            args = _app_args(model_dir, pruning.model_dump(), opts.max_new_tokens, batching)
+        for batching in ((False,) if opts.engine == "vllm" else (False, True)):
+            args = _app_args(model_dir, pruning.model_dump(), opts.max_new_tokens, batching,
+                             opts.engine)
             serve.run(build_app(args), name="bench", route_prefix="/")
             asyncio.run(_traffic(url, bodies, 4, 8))  # warm-up
             if not batching:
-                direct, http, gaps = _overhead(url, model_dir, bodies[0],
-                                               pruning, 12)
+                direct, http, gaps = _overhead(url, model_dir, bodies[0], pruning, 12,
+                                               opts.engine)
             for c in CONCURRENCY:
                 total = max(opts.requests // (4 if c == 1 else 1), 4 * c)
                 lat, rps, failures = asyncio.run(_traffic(url, bodies, c, total))

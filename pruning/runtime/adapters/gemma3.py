@@ -30,9 +30,11 @@ class Gemma3Adapter(Adapter):
     model_class = "Gemma3ForConditionalGeneration"
 
     def load_processor(self, ckpt: Path) -> Any:
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, Gemma3ImageProcessorPil
 
-        return AutoProcessor.from_pretrained(ckpt, local_files_only=True)
+        # The PIL image processor whichever backend is installed (see QwenAdapter).
+        pixels = Gemma3ImageProcessorPil.from_pretrained(ckpt, local_files_only=True)
+        return AutoProcessor.from_pretrained(ckpt, local_files_only=True, image_processor=pixels)
 
     def bind(self, model: nn.Module) -> None:
         vision = model.config.vision_config

@@ -39,7 +39,11 @@ class QwenAdapter(Adapter):
         import transformers
 
         cls = image_only_processor(getattr(transformers, self.processor_class))
-        return cls.from_pretrained(ckpt, local_files_only=True)
+        # The PIL image processor, whichever backend is installed: its rescale-then-normalise
+        # arithmetic is what the recipe's lookup table reproduces bit for bit (the torchvision
+        # backend fuses the two and differs by one float32 ulp).
+        pixels = transformers.Qwen2VLImageProcessorPil.from_pretrained(ckpt, local_files_only=True)
+        return cls.from_pretrained(ckpt, local_files_only=True, image_processor=pixels)
 
     def message_content(self, slice_numbers: list[int], prompt: str) -> list[dict[str, Any]]:
         return [{"type": "image"} for _ in slice_numbers] + [{"type": "text", "text": prompt}]

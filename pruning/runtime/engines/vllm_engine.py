@@ -46,12 +46,15 @@ from typing import Any
 
 import torch
 
+from pruning.runtime.adapters import family_for_config
+from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.engines.cpu_compat import ensure_torchvision_importable
 from pruning.runtime.engines.hf import EngineOutput, check_budget
 from pruning.runtime.engines.vllm_plugin import (
     ARCHITECTURES,
     KEPT_POSITIONS_KEY,
     kept_mrope_positions,
+    register,
 )
 
 SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
@@ -99,8 +102,6 @@ def model_layout(checkpoint: str | Path) -> ModelLayout:
     Raises:
         ValueError: the family is not one the ``vllm`` engine runs exactly (names them).
     """
-    from pruning.runtime.adapters import family_for_config
-    from pruning.runtime.checkpoints import resolve_checkpoint
 
     config = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
     family = family_for_config(config)
@@ -217,13 +218,33 @@ def _engine_kwargs(checkpoint: Path, layout: ModelLayout, *, dtype: torch.dtype 
 
 def _prepare_process() -> None:
     ensure_torchvision_importable()
-    from pruning.runtime.engines.vllm_plugin import register
 
     register()  # the entry point does this in vLLM's own processes; here for this one
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-class VLLMEngine:
+class _Checkpointed:
+    """What both engines set up from a checkpoint: its request layout and tokenizer."""
+
+    def _setup(self, checkpoint: str | Path, *, dtype: torch.dtype | str, max_images: int,
+               max_model_len: int | None, max_num_seqs: int, enforce_eager: bool,
+               kv_cache_gib: float, seed: int, engine_args: dict[str, Any] | None
+               ) -> dict[str, Any]:
+        """Resolve the checkpoint, read its layout and tokenizer; the engine's keyword args."""
+        from transformers import AutoTokenizer
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.layout = model_layout(self.checkpoint)
+        self.max_images = max_images
+        _prepare_process()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
+        return _engine_kwargs(self.checkpoint, self.layout, dtype=dtype,
+                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                              enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib, seed=seed,
+                              extra=engine_args)
+
+
+class VLLMEngine(_Checkpointed):
     """A ``vllm.LLM`` on one checkpoint, generating greedily from pruned samples (the engine
     seam of :class:`pruning.runtime.engines.hf.HFEngine`).
 
@@ -245,24 +266,16 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                 max_images: int = 128,
-                 max_model_len: int | None = None, max_num_seqs: int = 64,
-                 enforce_eager: bool = True, kv_cache_gib: float = 2.0, seed: int = 0,
-                 engine_args: dict[str, Any] | None = None):
-        from pruning.runtime.checkpoints import resolve_checkpoint
+                 max_images: int = 128, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
+                 seed: int = 0, engine_args: dict[str, Any] | None = None):
+        kwargs = self._setup(checkpoint, dtype=dtype, max_images=max_images,
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib, seed=seed,
+                             engine_args=engine_args)
+        from vllm import LLM  # optional and slow to import: only when an engine is built
 
-        self.checkpoint = resolve_checkpoint(checkpoint)
-        self.layout = model_layout(self.checkpoint)
-        self.max_images = max_images
-        _prepare_process()
-        from transformers import AutoTokenizer
-        from vllm import LLM
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
-        self.llm = LLM(**_engine_kwargs(
-            self.checkpoint, self.layout, dtype=dtype, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
-            seed=seed, extra=engine_args))
+        self.llm = LLM(**kwargs)
 
     def requests(self, samples: Sequence[Any]) -> list[dict[str, Any]]:
         """Validated vLLM prompts for samples (all checked before any is submitted)."""
@@ -303,7 +316,7 @@ class VLLMEngine:
             engine.engine_core.shutdown()
 
 
-class AsyncVLLMEngine:
+class AsyncVLLMEngine(_Checkpointed):
     """vLLM's ``AsyncLLM`` on one checkpoint: concurrent callers are batched continuously.
 
     For Ray Serve: one per replica; each HTTP request awaits :meth:`generate` or iterates
@@ -312,25 +325,17 @@ class AsyncVLLMEngine:
     """
 
     def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                 max_images: int = 128,
-                 max_model_len: int | None = None, max_num_seqs: int = 64,
-                 enforce_eager: bool = True, kv_cache_gib: float = 2.0, seed: int = 0,
-                 engine_args: dict[str, Any] | None = None):
-        from pruning.runtime.checkpoints import resolve_checkpoint
-
-        self.checkpoint = resolve_checkpoint(checkpoint)
-        self.layout = model_layout(self.checkpoint)
-        self.max_images = max_images
-        _prepare_process()
-        from transformers import AutoTokenizer
+                 max_images: int = 128, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
+                 seed: int = 0, engine_args: dict[str, Any] | None = None):
+        kwargs = self._setup(checkpoint, dtype=dtype, max_images=max_images,
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib, seed=seed,
+                             engine_args=engine_args)
+        # Optional and slow to import: only when an engine is built.
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
-        kwargs = _engine_kwargs(
-            self.checkpoint, self.layout, dtype=dtype, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
-            seed=seed, extra=engine_args)
         kwargs.pop("disable_log_stats", None)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(disable_log_stats=True, **kwargs))
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from pruning.runtime.engines.cpu_compat import ensure_torchvision_importable
+
 KEPT_POSITIONS_KEY = "kept_mrope_positions"
 ARCHITECTURES: dict[str, str] = {
     "qwen2_5_vl": "MedPrunerQwen2_5_VLForConditionalGeneration",
@@ -44,7 +46,6 @@ _MODULE = __name__
 
 def register() -> None:
     """Register the model classes with vLLM (lazily: vLLM imports them when selected)."""
-    from pruning.runtime.engines.cpu_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from vllm import ModelRegistry
