@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from pruning import PruningConfig
-from tests.engine.conftest import PROMPTS, drop_slice_tokens, make_engine_tiny, volumes
+from tests.pruning.runtime.engines.conftest import (
+    PROMPTS,
+    drop_slice_tokens,
+    make_engine_tiny,
+    volumes,
+)
 
 PRUNE = PruningConfig(method="medpruner", tau=0.5, temperature=0.05)
 

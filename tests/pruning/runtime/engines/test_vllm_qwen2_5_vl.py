@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.conftest import (
+from tests.pruning.runtime.engines.conftest import (
     NEW_TOKENS,
     PROMPTS,
     assert_engine_parity,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.conftest import (
+from tests.pruning.runtime.engines.conftest import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,

@@ -18,8 +18,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.graph import run_evaluation
-from tests.engine.conftest import requires_vllm
 from tests.jobs.helpers import REPO, free_port, start_local_ray
+from tests.pruning.runtime.engines.conftest import requires_vllm
 from tests.serve.conftest import npy_bytes, phantom_volume
 
 pytestmark = [requires_vllm, pytest.mark.ray, pytest.mark.slow]

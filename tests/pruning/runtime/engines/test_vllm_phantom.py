@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.engine.conftest import (
+from tests.pruning.runtime.engines.conftest import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,
