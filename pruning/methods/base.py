@@ -51,7 +51,7 @@ class PruningConfig(BaseModel):
     method they belong to. Defaults are the paper's / reference code's settings.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str = Field(DEFAULT_METHOD, description="pruning method (see pruning.list_methods())")
     profile: Literal["paper", "reference"] = Field(
