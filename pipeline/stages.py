@@ -29,7 +29,7 @@ from pipeline.metrics.scorers import ensure_wordnet, score_sample
 from pruning.methods import PruningConfig, SlicePlan
 from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.recipe import load_recipe
-from pruning.runtime.vlm import MODEL_TIMING_KEYS, load_vlm
+from pruning.runtime.vlm import MODEL_TIMING_KEYS, Generation, load_vlm
 
 Batch = dict[str, np.ndarray]
 # The ``pruning`` column holds a method's name (a key of the stage's ``methods``) or, in Serve,
@@ -264,11 +264,7 @@ class InferStage:
     def __call__(self, batch: Batch) -> Batch:
         n = check_columns(batch, self.required_columns, "InferStage")
         errors = _incoming_errors(batch, n)
-        prediction = [""] * n
-        kept_tokens, kept_slices = ["[]"] * n, ["[]"] * n
-        counts = {c: np.zeros(n, np.int64) for c in
-                  ("slices_kept", "tokens_total", "tokens_after_iaf", "tokens_kept")}
-        floats = {c: np.full(n, np.nan) for c in ("r_rate", *MODEL_TIMING_KEYS, "t_total_s")}
+        results: list[Any] = [None] * n  # a Generation or the exception of each row
         # Rows of equal configs (requests of one Serve batch carry their own copies) and equal
         # budgets are generated together.
         groups: dict[tuple[str, int], list[int]] = {}
@@ -279,29 +275,69 @@ class InferStage:
             try:
                 config = self.methods(batch["pruning"][i])
             except Exception as exc:
-                errors[i] = f"infer: {_describe(exc)}"
+                results[i] = exc
                 continue
             key = config.model_dump_json()
             configs[key] = config
             groups.setdefault((key, self._budget(batch, i)), []).append(i)
         for (key, budget), rows in groups.items():
             try:
-                results = self._generate(batch, rows, configs[key], budget)
+                generations = self._generate(batch, rows, configs[key], budget)
             except Exception as exc:
-                results = [exc] * len(rows)
-            for i, gen in zip(rows, results, strict=True):
-                if isinstance(gen, BaseException):
-                    errors[i] = f"infer: {_describe(gen)}"
-                    continue
-                prediction[i] = gen.text
-                stats = gen.stats
-                counts["slices_kept"][i], counts["tokens_total"][i] = stats.slices_kept, stats.tokens_total
-                counts["tokens_after_iaf"][i], counts["tokens_kept"][i] = stats.tokens_after_iaf, stats.tokens_kept
-                floats["r_rate"][i] = stats.r_rate
-                for key_ in MODEL_TIMING_KEYS:
-                    floats[key_][i] = float(gen.timings.get(key_, math.nan))
-                kept_tokens[i] = json.dumps(gen.kept_tokens, separators=(",", ":"))
-                kept_slices[i] = json.dumps([int(s) for s in gen.kept_slices])
+                generations = [exc] * len(rows)
+            for i, gen in zip(rows, generations, strict=True):
+                results[i] = gen
+        return self.assemble(batch, results)
+
+    def prepare_one(self, batch: Batch) -> tuple[Any, int]:
+        """The vision half for a one-row batch: (its ``Prepared`` sample, its token budget);
+        a streaming engine generates from it and :meth:`assemble` builds the row.
+
+        Raises:
+            ValueError: an unknown method, or a bad plan / volume / prompt.
+        """
+        check_columns(batch, self.required_columns, "InferStage")
+        config = self.methods(batch["pruning"][0])
+        prepared = self.vlm.prepare_batch([np.asarray(batch["slices"][0])],
+                                          [_str(batch["prompt"][0])], pruning=config,
+                                          plans=[self._plan(batch, 0)])
+        return prepared, self._budget(batch, 0)
+
+    def finish_one(self, batch: Batch, prepared: Any, text: str, seconds: float) -> Batch:
+        """The output of a one-row batch whose answer a streaming engine generated from
+        :meth:`prepare_one` in ``seconds`` (prefill and decode are not told apart)."""
+        sample = prepared.samples[0]
+        timings = {**prepared.timings[0], "t_prefill_s": math.nan, "t_decode_s": seconds}
+        gen = Generation(text=text, stats=sample.stats, timings=timings,
+                         kept_slices=sample.kept_slices, kept_tokens=sample.kept_tokens,
+                         token_grid=sample.token_grid)
+        return self.assemble(batch, [gen])
+
+    def assemble(self, batch: Batch, results: list[Any]) -> Batch:
+        """The output batch from per-row results: a ``Generation``, an exception (an
+        ``infer:`` error row) or None (an incoming error row, passed through)."""
+        n = len(results)
+        errors = _incoming_errors(batch, n)
+        prediction = [""] * n
+        kept_tokens, kept_slices = ["[]"] * n, ["[]"] * n
+        counts = {c: np.zeros(n, np.int64) for c in
+                  ("slices_kept", "tokens_total", "tokens_after_iaf", "tokens_kept")}
+        floats = {c: np.full(n, np.nan) for c in ("r_rate", *MODEL_TIMING_KEYS, "t_total_s")}
+        for i, gen in enumerate(results):
+            if gen is None:
+                continue
+            if isinstance(gen, BaseException):
+                errors[i] = f"infer: {_describe(gen)}"
+                continue
+            prediction[i] = gen.text
+            stats = gen.stats
+            counts["slices_kept"][i], counts["tokens_total"][i] = stats.slices_kept, stats.tokens_total
+            counts["tokens_after_iaf"][i], counts["tokens_kept"][i] = stats.tokens_after_iaf, stats.tokens_kept
+            floats["r_rate"][i] = stats.r_rate
+            for key in MODEL_TIMING_KEYS:
+                floats[key][i] = float(gen.timings.get(key, math.nan))
+            kept_tokens[i] = json.dumps(gen.kept_tokens, separators=(",", ":"))
+            kept_slices[i] = json.dumps([int(s) for s in gen.kept_slices])
         earlier = sum(np.nan_to_num(np.asarray(batch[c], float)) for c in ("t_load_s", "t_iaf_s") if c in batch)
         floats["t_total_s"] = earlier + sum(np.nan_to_num(floats[k]) for k in MODEL_TIMING_KEYS)
         floats["t_total_s"][[bool(e) for e in errors]] = np.nan

@@ -30,7 +30,7 @@ from pipeline.config import format_validation_error
 from pipeline.datasets.prompts import build_prompt
 from pipeline.io.volumes import FORMATS, VolumeError, format_from_name, normalise_format
 from pruning import PruningConfig
-from serve.chat import ChatRequest, chat_body, chat_stream, chat_to_analyze
+from serve.chat import ChatRequest, chat_body, chat_stream, chat_to_analyze, chat_token_stream
 from serve.config import ServeAppConfig
 from serve.schemas import AnalyzeOptions, AnalyzeRequest, AnalyzeResponse, AnalyzeStats, VolumeRef
 from serve.security import (
@@ -389,10 +389,29 @@ class Service:
             raise ApiError(422, "invalid_request", safe_text(message)) from None
         job = self.builder.job(req, req.volume)
         request.state.request_id = job.id
-        result = await self.run(job)
-        body = chat_body(name, analysis_body(self.cfg, job, result, req.task,
-                                             req.return_kept_tokens, t0))
+
+        def final(result: AnalysisResult) -> dict[str, Any]:
+            return chat_body(name, analysis_body(self.cfg, job, result, req.task,
+                                                 req.return_kept_tokens, t0))
+
+        streams = getattr(self.backend, "streams_tokens", None)
+        if chat.stream and streams is not None and await streams():
+            # Tokens from the engine as they come; a bad volume or pruning still answers an
+            # HTTP error, because loading happens before the first item.
+            items = self.backend.analyze_stream(job)
+            first = await self._first(items)
+            return chat_token_stream(name, job.id, first, items, final)
+        body = final(await self.run(job))
         return chat_stream(body) if chat.stream else JSONResponse(body)
+
+    async def _first(self, items: Any) -> Any:
+        """The first item of a backend stream, under the app's deadline (504 after it)."""
+        timeout = self.cfg.request_timeout_s
+        try:
+            return await asyncio.wait_for(anext(items), timeout)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"the analysis took longer than {timeout:g} s; "
+                           "try a smaller volume") from None
 
     async def models(self, request: Request) -> JSONResponse:
         """GET /v1/models."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -234,6 +236,34 @@ class ModelServer:
             return await self.infer_batch(row)
         return (await self._in_thread([row]))[0]
 
+    async def infer_stream(self, row: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """One request, its answer streamed from the engine: ``{"delta": text}`` items as
+        tokens arrive, then ``{"row": result}`` (the row :meth:`infer` would answer). Engines
+        that cannot stream (hf) give the row alone."""
+        if not self._continuous or row.get("error"):
+            yield {"row": await self.infer(row)}
+            return
+        loop = asyncio.get_running_loop()
+        bridge = self._stage.vlm.engine
+        bridge.bind(loop)
+        batch = rows_to_batch([row])
+        try:
+            prepared, budget = await loop.run_in_executor(self._threads, self._stage.prepare_one,
+                                                          batch)
+        except Exception as exc:  # the stage's own error row, as infer would give it
+            yield {"row": batch_to_rows(self._stage.assemble(batch, [exc]))[0]}
+            return
+        sample, parts, start = prepared.samples[0], [], time.perf_counter()
+        try:
+            async for delta in bridge.engine.stream(sample, budget):
+                parts.append(delta)
+                yield {"delta": delta}
+        except Exception as exc:  # noqa: BLE001 - reported in the final row, never raised
+            yield {"row": batch_to_rows(self._stage.assemble(batch, [exc]))[0]}
+            return
+        done = self._stage.finish_one(batch, prepared, "".join(parts), time.perf_counter() - start)
+        yield {"row": batch_to_rows(done)[0]}
+
 
 @serve.deployment
 @serve.ingress()
@@ -288,6 +318,33 @@ class Ingress:
         if layers is not None and layer >= layers:
             raise ApiError(422, "invalid_pruning", f"pruning: hiprune_object_layer must be below "
                            f"{layers} (the vision tower's blocks), got {layer}")
+
+    async def streams_tokens(self) -> bool:
+        """True when the model replicas stream answers from their engine (vllm)."""
+        if self._model_info is None:
+            self._model_info = await self._model.ready.remote()
+        return self._model_info.get("engine") == "vllm"
+
+    async def analyze_stream(self, job: AnalysisJob) -> AsyncIterator[Any]:
+        """Answer text deltas as the engine makes them, then the final ``AnalysisResult``.
+
+        Loading (and its errors, as ApiErrors) happens before the first item, so a client
+        gets an HTTP error, not a broken stream, for a bad volume.
+        """
+        await self._check_pruning(job)
+        row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
+               "volume_bytes": job.volume_bytes, "pruning": job.pruning,
+               "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
+        loaded = await self._retry_once(lambda: self._call(self._pre.load, row))
+        if loaded["error"]:
+            raise self._client_error(loaded, job)
+        async for item in self._model.options(stream=True).infer_stream.remote(loaded):
+            if "delta" in item:
+                yield item["delta"]
+                continue
+            if item["row"]["error"]:
+                raise self._client_error(item["row"], job)
+            yield AnalysisResult(row=item["row"])
 
     async def analyze(self, job: AnalysisJob) -> AnalysisResult:
         """Run the graph for one job (once more if a replica died); stage errors become

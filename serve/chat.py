@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import StreamingResponse
@@ -166,6 +167,41 @@ def chat_stream(body: dict[str, Any]) -> StreamingResponse:
             if finish:
                 chunk["medpruner"] = body["medpruner"]
             yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def chat_token_stream(model_name: str, request_id: str, first: Any, items: AsyncIterator[Any],
+                      final: Callable[[Any], dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events of an answer streamed from the engine.
+
+    ``first`` and then ``items`` are text deltas followed by one final result; ``final``
+    turns that result into the ``chat.completion`` body whose ``medpruner`` details end the
+    stream. An error after the stream began is sent as an ``error`` event (the status line is
+    gone by then).
+    """
+    base = {"id": "chatcmpl-" + request_id.removeprefix("req-"), "created": int(time.time()),
+            "model": model_name, "object": "chat.completion.chunk"}
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(chunk | extra)}\n\n"
+
+    async def events():
+        yield event({"role": "assistant", "content": ""})
+        item = first
+        try:
+            while isinstance(item, str):
+                yield event({"content": item})
+                item = await anext(items)
+            body = final(item)
+            yield event({}, "stop", medpruner=body["medpruner"])
+        except Exception as exc:  # noqa: BLE001 - the client learns of it in the stream
+            error = getattr(exc, "to_body", None)
+            payload = error() if error else {"error": {"type": "internal_error",
+                                                       "message": "the answer failed"}}
+            yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -115,7 +115,12 @@ def test_streaming_chat_completion(served_vllm) -> None:
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
+    assert all("error" not in c for c in chunks), chunks
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["medpruner"]["engine"] == "vllm"
+    assert "t_prefill_s" not in chunks[-1]["medpruner"]["timings"]  # streamed by the engine
     plain = httpx.post(served_vllm + "/v1/chat/completions", json=body | {"stream": False},
                        timeout=300).json()
     assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["medpruner"]["stats"] == plain["medpruner"]["stats"]
