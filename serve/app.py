@@ -322,7 +322,10 @@ class Ingress:
     async def streams_tokens(self) -> bool:
         """True when the model replicas stream answers from their engine (vllm)."""
         if self._model_info is None:
-            self._model_info = await self._model.ready.remote()
+            try:
+                self._model_info = await self._model.ready.remote()
+            except Exception:  # noqa: BLE001 - not ready: the plain path answers 503
+                return False
         return self._model_info.get("engine") == "vllm"
 
     async def analyze_stream(self, job: AnalysisJob) -> AsyncIterator[Any]:
