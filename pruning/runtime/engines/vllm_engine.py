@@ -224,7 +224,21 @@ def _prepare_process() -> None:
 
 
 class _Checkpointed:
-    """What both engines set up from a checkpoint: its request layout and tokenizer."""
+    """What both engines set up from a checkpoint (its request layout and tokenizer) before
+    :meth:`_start` builds the engine itself; the arguments are :class:`VLLMEngine`'s."""
+
+    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                 max_images: int = 128, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
+                 seed: int = 0, engine_args: dict[str, Any] | None = None):
+        self._start(self._setup(checkpoint, dtype=dtype, max_images=max_images,
+                                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+                                seed=seed, engine_args=engine_args))
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        """Build the engine from its keyword arguments."""
+        raise NotImplementedError
 
     def _setup(self, checkpoint: str | Path, *, dtype: torch.dtype | str, max_images: int,
                max_model_len: int | None, max_num_seqs: int, enforce_eager: bool,
@@ -265,14 +279,7 @@ class VLLMEngine(_Checkpointed):
 
     name = "vllm"
 
-    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                 max_images: int = 128, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
-                 seed: int = 0, engine_args: dict[str, Any] | None = None):
-        kwargs = self._setup(checkpoint, dtype=dtype, max_images=max_images,
-                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                             enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib, seed=seed,
-                             engine_args=engine_args)
+    def _start(self, kwargs: dict[str, Any]) -> None:
         from vllm import LLM  # optional and slow to import: only when an engine is built
 
         self.llm = LLM(**kwargs)
@@ -324,14 +331,7 @@ class AsyncVLLMEngine(_Checkpointed):
     one loop only (a Serve replica's). Same arguments as :class:`VLLMEngine`.
     """
 
-    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                 max_images: int = 128, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
-                 seed: int = 0, engine_args: dict[str, Any] | None = None):
-        kwargs = self._setup(checkpoint, dtype=dtype, max_images=max_images,
-                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                             enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib, seed=seed,
-                             engine_args=engine_args)
+    def _start(self, kwargs: dict[str, Any]) -> None:
         # Optional and slow to import: only when an engine is built.
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
