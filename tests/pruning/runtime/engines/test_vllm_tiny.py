@@ -1,11 +1,14 @@
-"""vLLM engine vs the hf engine on a tiny Qwen2.5-VL, with chunked prefill and prefix caching.
+"""vLLM engine vs the hf engine on tiny Qwen2.5-VL and Qwen3-VL models, one engine at a time.
 
-One engine for the module. ``max_num_batched_tokens=32`` splits every prompt (~90 tokens) into
-chunks, images included; each case runs twice, so the second round hits the prefix cache.
-The first two slices of every volume are identical: the same features at two positions.
+Qwen2.5-VL runs with ``max_num_batched_tokens=32``, which splits every prompt (~90 tokens),
+images included, into chunks; each case runs twice, so the second round hits the prefix
+cache. Qwen3-VL's deepstack features ride on ``image_embeds``. The first two slices of every
+volume are identical: the same features at two positions.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -22,11 +25,18 @@ from tests.pruning.runtime.engines.conftest import (
 
 pytestmark = [requires_vllm, pytest.mark.slow]
 CASES = pruning_cases()
+# Per family, the engine's own options beside the shared ones.
+ENGINE_OPTIONS = {"qwen2_5_vl": {"engine_args": {"max_num_batched_tokens": 32}}, "qwen3_vl": {}}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE_OPTIONS))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_engine_tiny("qwen2_5_vl", tmp_path_factory.mktemp("engine") / "qwen2_5_vl")
+def checkpoint(family, tmp_path_factory):
+    return make_engine_tiny(family, tmp_path_factory.mktemp("engine") / family)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +47,11 @@ def vlm(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
+def engine(family, checkpoint):
     from pruning.runtime.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(checkpoint, max_images=8, max_model_len=1024, kv_cache_gib=0.5,
-                        max_num_seqs=8, engine_args={"max_num_batched_tokens": 32})
+                        max_num_seqs=8, **ENGINE_OPTIONS[family])
     yield engine
     engine.shutdown()
 
@@ -51,26 +61,27 @@ def _complete(engine):
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_greedy_equals_hf_twice(vlm, engine, method):
+def test_greedy_equals_hf_twice(family, vlm, engine, method):
     first = assert_engine_parity(vlm, _complete(engine), CASES[method])
     assert_engine_parity(vlm, _complete(engine), CASES[method], samples=first)  # cache hits
     if method != "original":
         assert sum(s.stats.tokens_kept for s in first) < sum(s.stats.tokens_total for s in first)
+    if family == "qwen3_vl":
+        assert all(len(s.deepstack) == engine.layout.deepstack_layers > 0 for s in first)
     assert engine.generate(first, NEW_TOKENS, NEW_TOKENS).texts == [
         c.text for c in engine.generate_completions(first, NEW_TOKENS, NEW_TOKENS)]
 
 
-def test_zero_kept_slice_keeps_its_text_and_position_jump(vlm, engine):
-    prepared = vlm.prepare_batch(volumes(), list(PROMPTS), pruning=CASES["medpruner"])
+@pytest.mark.parametrize("method", ["medpruner", "visionzip"])
+def test_zero_kept_slice_keeps_its_text_and_position_jump(vlm, engine, method):
+    prepared = vlm.prepare_batch(volumes(), list(PROMPTS), pruning=CASES[method])
     # First, a middle and the last slice emptied in turn: the jump lands before, between
     # and after the images that remain.
     samples = [drop_slice_tokens(vlm, s, i) for s, i in zip(prepared.samples, (0, 1, -1), strict=True)]
-    assert_engine_parity(vlm, _complete(engine), CASES["medpruner"], samples=samples)
+    assert_engine_parity(vlm, _complete(engine), CASES[method], samples=samples)
 
 
 def test_invalid_sample_is_refused_before_submission(vlm, engine):
-    import dataclasses
-
     sample = vlm.prepare_batch(volumes(1), PROMPTS[:1], pruning=CASES["original"]).samples[0]
     wide = dataclasses.replace(sample, features=sample.features.repeat(1, 2))
     with pytest.raises(ValueError, match="features"):
