@@ -14,6 +14,7 @@ import numpy as np
 from pruning.ops.iaf import budget_count
 from pruning.ops.iaf_lesion import (
     blob_response,
+    check_blob_options,
     component_scores,
     hessian_blob_response,
     lesion_grid,
@@ -116,12 +117,7 @@ def run_length_scores(
     """
     from scipy import ndimage
 
-    if max_span < 1:
-        raise ValueError(f"max_span must be >= 1 slice, got {max_span}")
-    if not 0 < min_size <= max_size:
-        raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
-    if link < 0:
-        raise ValueError(f"link must be >= 0 pixels, got {link}")
+    check_blob_options(max_span=max_span, min_size=min_size, max_size=max_size, link=link)
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     if not 0 < drop < 1:

@@ -136,6 +136,17 @@ def hessian_blob_response(grid: np.ndarray, min_size: float, max_size: float) ->
     return best
 
 
+def check_blob_options(*, max_span: int, min_size: float, max_size: float, link: int) -> None:
+    """Raise ValueError unless ``max_span`` >= 1, 0 < ``min_size`` <= ``max_size`` and
+    ``link`` >= 0 (the options every blob-run scorer shares)."""
+    if max_span < 1:
+        raise ValueError(f"max_span must be >= 1 slice, got {max_span}")
+    if not 0 < min_size <= max_size:
+        raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
+    if link < 0:
+        raise ValueError(f"link must be >= 0 pixels, got {link}")
+
+
 def lesion_scores(
     slices: np.ndarray,
     *,
@@ -168,12 +179,7 @@ def lesion_scores(
         ValueError: bad shape or dtype, ``max_span`` < 1, sizes not 0 < min <= max, ``link``
             < 0, ``threshold`` <= 0.
     """
-    if max_span < 1:
-        raise ValueError(f"max_span must be >= 1 slice, got {max_span}")
-    if not 0 < min_size <= max_size:
-        raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
-    if link < 0:
-        raise ValueError(f"link must be >= 0 pixels, got {link}")
+    check_blob_options(max_span=max_span, min_size=min_size, max_size=max_size, link=link)
     if not threshold > 0 or not grow > 0:
         raise ValueError(f"threshold and grow must be > 0, got {threshold}, {grow}")
     grid = lesion_grid(slices, max_side) if grid is None else grid
