@@ -1,7 +1,8 @@
 """hf vs vllm engine on the same pruned inputs: throughput and latency under concurrency.
 
 ``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64]
-[--concurrency 1 8 32] [--new-tokens 32] [--hf-batch-size 4] [--quick]``
+[--concurrency 1 8 32] [--new-tokens 32] [--hf-batch-size 4] [--dtype float32|bfloat16]
+[--compile] [--quick]``
 
 Per model spec (default: the trained phantom checkpoint and a bench-size random Qwen2.5-VL,
 LM 8 x 512) the volumes are pruned once (``--method``, default MedPruner) by our vision half, and the same
@@ -15,7 +16,9 @@ clients keep ``c`` requests in flight for each concurrency ``c``:
 Every request generates exactly ``--new-tokens`` tokens (min = max), so output tokens/s compare
 like for like. vLLM's prefix cache is off here: requests reuse a few samples, and cache hits
 would measure the cache, not the engine. Engines run one after the other, never together.
-Latency is from a request's submission to its answer.
+Latency is from a request's submission to its answer. vLLM's CPU build keeps one core for
+its scheduler by default (on 2 cores the model runs on one, ``hf`` on both);
+``VLLM_CPU_OMP_THREADS_BIND=0-1`` gives it both. The table's header says which binding ran.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
     """{concurrency: {engine: row}} for one model, plus what the inputs were."""
 
     ckpt = resolve_checkpoint(name, cache_dir=args.cache_dir)
-    vlm = load_vlm(ckpt)
+    vlm = load_vlm(ckpt, dtype=args.dtype)
     samples = _samples(vlm, args)
     kept = sum(s.stats.tokens_kept for s in samples)
     total = sum(s.stats.tokens_total for s in samples)
@@ -126,8 +129,9 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
                 _closed_loop(hf.submit, samples, args.requests, c))
             results[c]["hf"] = _row(wall, lat, args.requests, args.new_tokens)
             print(f"[{name} hf c={c} done]", flush=True)
-        engine = AsyncVLLMEngine(ckpt, max_images=args.slices, max_num_seqs=max(args.concurrency),
+        engine = AsyncVLLMEngine(ckpt, dtype=args.dtype, max_images=args.slices, max_num_seqs=max(args.concurrency),
                                  max_model_len=4096, kv_cache_gib=2.0,
+                                 enforce_eager=not args.compile,
                                  engine_args={"enable_prefix_caching": False})
         try:
             def vllm_submit(sample):
@@ -151,7 +155,9 @@ def _table(all_results: dict, infos: dict, args) -> str:
     head = f"{'model':<21} {'conc':>4} {'engine':<7} {'req/s':>8} {'out tok/s':>10} {'p50 s':>8} {'p95 s':>8}"
     lines = [f"engine benchmark: {args.requests} requests x {args.new_tokens} new tokens, "
              f"{args.method}-pruned inputs from {args.volumes} volumes x {args.slices} slices, "
-             f"hf batch size {args.hf_batch_size}, vllm eager (AsyncLLM), float32 CPU", head,
+             f"hf batch size {args.hf_batch_size}, vllm {'compiled' if args.compile else 'eager'} "
+             f"(AsyncLLM), {args.dtype} CPU, vLLM CPU binding "
+             f"{os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}", head,
              "-" * len(head)]
     for name, results in all_results.items():
         info = infos[name]
@@ -185,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=16, help="phantom depth")
     parser.add_argument("--phantom-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations of both engines")
+    parser.add_argument("--compile", action="store_true",
+                        help="vLLM compiled mode (torch.compile; ~110 s start-up on CPU) "
+                             "instead of eager")
     parser.add_argument("--cache-dir", default=None,
                         help="where tiny: checkpoints are built (default ~/.cache/medpruner)")
     parser.add_argument("--quick", action="store_true",

@@ -340,8 +340,16 @@ class AsyncVLLMEngine(_Checkpointed):
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(disable_log_stats=True, **kwargs))
 
     async def generate(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> str:
-        """The greedy answer for one sample (validated before it is submitted)."""
-        return (await self.complete(sample, max_new_tokens, min_new_tokens)).text
+        """The greedy answer for one sample (validated before it is submitted).
+
+        Asks vLLM for the finished output only, without log-probabilities: no per-token
+        wake-ups of the caller and no per-token log-probability objects (:meth:`complete`
+        has them).
+        """
+        ids: list[int] = []
+        async for out in self._outputs(sample, max_new_tokens, min_new_tokens, final_only=True):
+            ids = list(out.token_ids)
+        return decode(self.tokenizer, ids)
 
     async def complete(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> Completion:
         """The greedy answer with its token ids and log-probabilities."""
@@ -368,13 +376,15 @@ class AsyncVLLMEngine(_Checkpointed):
             yield final[len(sent):]
 
     async def _outputs(self, sample, max_new_tokens: int, min_new_tokens: int,
-                       logprobs: bool = False):
-        """Cumulative ``CompletionOutput`` of one request as the engine produces tokens."""
+                       logprobs: bool = False, final_only: bool = False):
+        """Cumulative ``CompletionOutput`` of one request as the engine produces tokens (only
+        the finished one with ``final_only``)."""
         from vllm.sampling_params import RequestOutputKind
 
         prompt = build_request(sample, self.layout, self.max_images)
         params = sampling_params(max_new_tokens, min_new_tokens)
-        params.output_kind = RequestOutputKind.CUMULATIVE
+        params.output_kind = (RequestOutputKind.FINAL_ONLY if final_only
+                              else RequestOutputKind.CUMULATIVE)
         if logprobs:
             params.logprobs = 0
         async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
