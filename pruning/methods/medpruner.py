@@ -104,10 +104,14 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         "cover",
     )
     iaf_lesion_threshold: float = Field(
-        0.02, gt=0.0, le=2.0,
+        0.015, gt=0.0, le=2.0,
         description="'lesion' IAF: blob measure ([-1, 1] scale, about a quarter of a blob's "
-        "contrast) a compact 3-D blob must exceed to make its slices findings",
+        "contrast) a compact 3-D blob must exceed to make its slices findings (the lowest of "
+        "the levels)",
     )
+    iaf_lesion_levels: int = Field(
+        2, ge=1, le=6, description="'lesion' IAF: blobs are sought at iaf_lesion_threshold "
+        "times 1, 2, 4, ...; slices are ranked by the number of levels they are found at")
     iaf_lesion_max_span: int = Field(
         8, ge=1, le=64, description="'lesion' IAF: longest finding in slices; longer 3-D "
         "components (vessels, airways, outlines) are anatomy")
@@ -184,6 +188,7 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
             gamma_local=self.iaf_gamma_local, finding_threshold=self.iaf_finding_threshold,
             span=self.iaf_span, shift=self.iaf_shift, finding_size=self.iaf_finding_size,
             budget=self.slice_budget, lesion_threshold=self.iaf_lesion_threshold,
+            lesion_levels=self.iaf_lesion_levels,
             lesion_max_span=self.iaf_lesion_max_span, lesion_min_size=self.iaf_lesion_min_size,
             lesion_max_size=self.iaf_lesion_max_size, lesion_link=self.iaf_lesion_link,
             lesion_max_side=self.iaf_lesion_max_side,
@@ -255,7 +260,7 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
                           f"shift={self.iaf_shift}", f"size={self.iaf_finding_size}"]
             if self.iaf_distance == "lesion":
                 parts += [f"blob={_fmt(self.iaf_lesion_threshold)}",
-                          f"span={self.iaf_lesion_max_span}"]
+                          f"levels={self.iaf_lesion_levels}", f"span={self.iaf_lesion_max_span}"]
         parts += [f"no_{flag[4:]}" for flag in ("use_iaf", "use_dins", "use_merge")
                   if not getattr(self, flag)]
         if self.merge_formula != "reference":

@@ -111,7 +111,8 @@ def select_slices(
     shift: int = 1,
     finding_size: int = 2,
     budget: float | None = None,
-    lesion_threshold: float = 0.02,
+    lesion_threshold: float = 0.015,
+    lesion_levels: int = 2,
     lesion_max_span: int = 8,
     lesion_min_size: float = 1.5,
     lesion_max_size: float = 12.0,
@@ -156,7 +157,10 @@ def select_slices(
         budget: fraction of slices in (0, 1] to keep, or None to use the thresholds (see the
             module docstring for the exact count and the ranking).
         lesion_threshold: "lesion" only: blob measure a finding must exceed ([-1, 1] scale;
-            about a quarter of the blob's contrast), > 0.
+            about a quarter of the blob's contrast), > 0; the lowest of the levels.
+        lesion_levels: "lesion" only: blobs are sought at ``lesion_threshold * 2**k`` for
+            ``k < lesion_levels``, and slices ranked by the number of levels they are found at
+            (>= 1).
         lesion_max_span: "lesion" only: a blob longer than this many slices is anatomy (>= 1).
         lesion_min_size, lesion_max_size: "lesion" only: blob diameters searched, in
             working-grid pixels (0 < min <= max).
@@ -179,7 +183,7 @@ def select_slices(
             candidates[-1] = depth - 1
         slices = slices[candidates]
     count = slices.shape[0]
-    lesion_kw = dict(threshold=lesion_threshold, max_span=lesion_max_span,
+    lesion_kw = dict(threshold=lesion_threshold, levels=lesion_levels, max_span=lesion_max_span,
                      min_size=lesion_min_size, max_size=lesion_max_size, link=lesion_link,
                      max_side=lesion_max_side)
 
@@ -239,4 +243,4 @@ def _budgeted(slices: np.ndarray, target: int, distance: str, *, percentile: flo
     # budgeted walk alone would cost several paper IAFs.
     grid = lesion_grid(slices, lesion_kw["max_side"])
     scores = lesion_scores(grid, grid=grid, **lesion_kw)
-    return findings_then_anchors(grid, scores, lesion_kw["threshold"], target)
+    return findings_then_anchors(grid, scores, 0.0, target)

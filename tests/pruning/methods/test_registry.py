@@ -171,3 +171,26 @@ def test_slice_budget_range_and_conflicts() -> None:
         PruningConfig(method="uniform", uniform_slices=3, slice_budget=0.5)
     with pytest.raises(ValidationError, match="belongs to method medpruner / uniform"):
         PruningConfig(method="random", slice_budget=0.5)
+
+
+def test_lesion_levels_are_validated_and_reach_the_filter() -> None:
+    from pydantic import ValidationError
+
+    for bad in (0, 7):
+        with pytest.raises(ValidationError, match="iaf_lesion_levels"):
+            PruningConfig(iaf_distance="lesion", iaf_lesion_levels=bad)
+    cfg = PruningConfig(iaf_distance="lesion", iaf_lesion_levels=3, slice_budget=0.4)
+    assert "levels=3" in cfg.label_parts()
+    # a 2-slice blob on a faint tube through every slice is anatomy at one level only: with
+    # one level and no budget the filter keeps just the paper's anchors, with two the blob too
+    yy, xx = np.mgrid[:96, :96]
+    vol = np.full((20, 96, 96), 40, dtype=np.uint8)
+    tube = (yy - 48) ** 2 + (xx - 48) ** 2 < 36
+    vol[:, tube] = 50
+    vol[12:14][:, tube] = 170
+    rgb = np.repeat(vol[..., None], 3, axis=-1)
+    one = PruningConfig(iaf_distance="lesion", iaf_lesion_levels=1, iaf_lesion_threshold=0.03,
+                        iaf_lesion_max_side=48).slice_plan(rgb).encode.tolist()
+    two = PruningConfig(iaf_distance="lesion", iaf_lesion_levels=2, iaf_lesion_threshold=0.03,
+                        iaf_lesion_max_side=48).slice_plan(rgb).encode.tolist()
+    assert not {12, 13} & set(one) and {12, 13} <= set(two)

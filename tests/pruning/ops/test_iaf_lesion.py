@@ -44,7 +44,41 @@ def test_long_structures_are_anatomy_and_compact_blobs_are_findings() -> None:
         grid[z][(yy - 12) ** 2 + (xx - 8 - z) ** 2 < 5] = 0.2
     grid[9:12][:, (yy - 35) ** 2 + (xx - 35) ** 2 < 9] = 0.2  # a 3-slice blob
     scores = lesion_scores(grid, grid=grid)
-    assert set(np.flatnonzero(scores > 0.02).tolist()) == {9, 10, 11}
+    assert set(np.flatnonzero(scores > 0).tolist()) == {9, 10, 11}
+
+
+def test_a_blob_found_at_more_levels_outranks_a_stronger_one_found_at_fewer() -> None:
+    grid = np.full((20, 48, 48), -0.6, dtype=np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 12) ** 2 + (xx - 12) ** 2 < 9
+    grid[4:6][:, disc] = 0.2  # a clear 2-slice blob, alone in its surroundings
+    # a stronger 2-slice blob that sits on a faint tube running through every slice: at the
+    # lowest level its component is the whole tube (too long), at the next the blob stands alone
+    tube = (yy - 36) ** 2 + (xx - 36) ** 2 < 9
+    grid[:, tube] = -0.6 + 0.08
+    grid[12:14][:, tube] = 0.4
+    one = lesion_scores(grid, grid=grid, threshold=0.03, levels=1)
+    two = lesion_scores(grid, grid=grid, threshold=0.03, levels=2)
+    assert set(np.flatnonzero(one > 0).tolist()) == {4, 5}  # the tube's blob is anatomy here
+    assert np.all(one < 2)  # one vote plus a tie-break below 1
+    assert set(np.flatnonzero(two > 0).tolist()) == {4, 5, 12, 13}
+    assert np.all(two[[4, 5]] >= 2) and np.all((two[[12, 13]] >= 1) & (two[[12, 13]] < 2))
+    peak = hessian_blob_response(grid, 1.5, 12.0)
+    assert peak[12, 36, 36] > peak[4, 12, 12]  # the outranked blob is the stronger one
+    with pytest.raises(ValueError, match="levels"):
+        lesion_scores(grid, grid=grid, levels=0)
+
+
+def test_in_plane_dilation_matches_a_maximum_filter() -> None:
+    from scipy import ndimage
+
+    from pruning.ops.iaf_lesion import _dilate_in_plane
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((4, 23, 31)) > 0.97
+    for radius in (1, 2, 3):
+        expected = ndimage.maximum_filter(mask.view(np.uint8), (1, 2 * radius + 1, 2 * radius + 1))
+        np.testing.assert_array_equal(_dilate_in_plane(mask, radius), expected > 0)
 
 
 def test_the_filter_finds_inserted_lesions_among_vessels() -> None:
