@@ -70,6 +70,80 @@ def z_residual(slices: np.ndarray, budget: float, half: int = 5) -> np.ndarray:
     return _ranked(grid, scores, 0.12, budget)
 
 
+def single_level(slices: np.ndarray, budget: float) -> np.ndarray:
+    """The lesion filter before votes: compact blobs at one threshold (0.02), slices ranked
+    by the blob's peak. Which lesions survive flips with the threshold, scan by scan."""
+    return select_slices(slices, 0.05, distance="lesion", lesion_levels=1, lesion_threshold=0.02,
+                         budget=budget)
+
+
+def finer_grid(slices: np.ndarray, budget: float) -> np.ndarray:
+    """The lesion filter on a 126-px working grid instead of 84 px (same grid-pixel scales)."""
+    return select_slices(slices, 0.05, distance="lesion", lesion_max_side=128, budget=budget)
+
+
+def through_plane_novelty(response: np.ndarray, reach: int = 8, link: int = 1) -> np.ndarray:
+    """Per voxel how much a blob stands out from the same place (``link`` px of drift) on
+    both sides: for each side the largest drop within ``reach`` slices, the smaller of the two
+    sides; bright and dark blobs separately, >= 0, (D, h, w)."""
+    from scipy import ndimage
+
+    out = np.zeros_like(response)
+    for sign in (1.0, -1.0):
+        signed = response * np.float32(sign)
+        near = ndimage.maximum_filter(signed, (1, 2 * link + 1, 2 * link + 1))
+        above = np.full_like(signed, -np.inf)
+        below = np.full_like(signed, -np.inf)
+        for k in range(1, min(reach, len(signed) - 1) + 1):
+            np.maximum(above[k:], signed[k:] - near[:-k], out=above[k:])
+            np.maximum(below[:-k], signed[:-k] - near[k:], out=below[:-k])
+        both = np.minimum(above, below)
+        np.maximum(out, np.where(np.isfinite(both), both, 0), out=out)
+    return out
+
+
+def novelty(slices: np.ndarray, budget: float) -> np.ndarray:
+    """Through-plane novelty of the Hessian blob measure (present here, absent on both sides
+    within 8 slices); per slice its largest value."""
+    grid = lesion_grid(slices)
+    nov = through_plane_novelty(hessian_blob_response(grid, 1.5, 12.0))
+    return _ranked(grid, nov.max(axis=(1, 2)).astype(np.float64), 0.0, budget)
+
+
+def texture_normalised(slices: np.ndarray, budget: float, window: int = 25) -> np.ndarray:
+    """Compact blobs (the filter's components at 0.015) on the blob measure divided by the mean
+    |measure| around it (``window`` px in-plane, 3 slices): a blob among gyri or vessels counts
+    less than the same blob in smooth tissue. Threshold 2 (times the local texture)."""
+    from scipy import ndimage
+
+    grid = lesion_grid(slices)
+    response = hessian_blob_response(grid, 1.5, 12.0)
+    texture = ndimage.uniform_filter(np.abs(response), (3, window, window))
+    scores = component_scores(response / (texture + np.float32(0.005)), threshold=2.0,
+                              max_span=8, max_width=26, link=1, grow=0.5)
+    return _ranked(grid, scores, 0.0, budget)
+
+
+def asymmetry(slices: np.ndarray, budget: float, link: int = 1) -> np.ndarray:
+    """Left-right asymmetry: the blob measure minus its mirror image across the volume's
+    midline (the flip shift that best matches the mean slice; ``link`` px of tolerance), then
+    the filter's compact components at 0.02 on what is left."""
+    from scipy import ndimage
+
+    grid = lesion_grid(slices)
+    response = hessian_blob_response(grid, 1.5, 12.0)
+    mean = grid.mean(axis=0)
+    shift = max(range(-12, 13), key=lambda s: float((mean * np.roll(mean[:, ::-1], s, 1)).sum()))
+    left = np.zeros_like(response)
+    for sign in (1.0, -1.0):
+        signed = np.maximum(response * np.float32(sign), 0)
+        mirror = ndimage.maximum_filter(np.roll(signed[:, :, ::-1], shift, 2),
+                                        (1, 2 * link + 1, 2 * link + 1))
+        left += np.float32(sign) * np.maximum(signed - mirror, 0)
+    scores = component_scores(left, threshold=0.02, max_span=8, max_width=26, link=1, grow=0.5)
+    return _ranked(grid, scores, 0.0, budget)
+
+
 def transient_real_ct(slices: np.ndarray, budget: float) -> np.ndarray:
     """The transient filter with the larger findings the README suggested for real CT."""
 
@@ -154,6 +228,11 @@ def run_length_scores(
 
 
 IDEAS = {
+    "one threshold (the filter before votes)": single_level,
+    "finer working grid (126 px)": finer_grid,
+    "through-plane novelty of the blob measure": novelty,
+    "texture-normalised compact blobs": texture_normalised,
+    "left-right asymmetry + compact blobs": asymmetry,
     "Hessian blobs, no z-extent bound": hessian_unbounded,
     "DoG blobs, no z-extent bound": dog_unbounded,
     "DoG blobs + bounded 3-D components": dog_components,
