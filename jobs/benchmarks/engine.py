@@ -1,6 +1,6 @@
 """hf vs vllm engine on the same pruned inputs: throughput and latency under concurrency.
 
-``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64]
+``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64] [--handoff]
 [--concurrency 1 8 32] [--new-tokens 32] [--hf-batch-size 4] [--dtype float32|bfloat16]
 [--compile] [--quick]``
 
@@ -117,7 +117,7 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
     samples = _samples(vlm, args)
     kept = sum(s.stats.tokens_kept for s in samples)
     total = sum(s.stats.tokens_total for s in samples)
-    info = {"r_rate": kept / total, "prompt_tokens": statistics.mean(
+    info = {"r_rate": kept / total, "samples": samples, "prompt_tokens": statistics.mean(
         s.input_ids.shape[0] for s in samples)}
     results: dict[int, dict[str, dict]] = {c: {} for c in args.concurrency}
     loop = asyncio.new_event_loop()
@@ -149,6 +149,63 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
     finally:
         _close(loop)
     return results, info
+
+
+PAPER_SCALE = {  # kept visual tokens x LM width x feature sets, bfloat16: 25 % of 64 x 256 tokens
+    "Lingshu-7B (Qwen2.5-VL)": (4096, 3584, 1),
+    "Qwen3-VL-8B (+3 deepstack)": (4096, 4096, 4),
+}
+
+
+def _nbytes(sample) -> int:
+    return sum(t.numel() * t.element_size() for t in (sample.input_ids, sample.positions,
+                                                      sample.features, *sample.deepstack))
+
+
+def handoff(samples_by_model: dict[str, list], repeats: int = 5) -> list[tuple[str, int, float]]:
+    """What a vision stage feeding a separate engine stage would add per row: one pruned sample
+    through Ray's object store (``ray.put`` here, received by an actor in another process),
+    median of ``repeats``; for the models' own samples and for paper-scale synthetic ones.
+
+    Returns (label, bytes per sample, seconds per sample) rows.
+    """
+    import ray
+    import torch
+
+    from pruning.runtime.sequence import Sample
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def take(self, sample) -> int:
+            return int(sample.features.shape[0])
+
+    cases = [(name, samples[0]) for name, samples in samples_by_model.items()]
+    for label, (tokens, width, sets) in PAPER_SCALE.items():
+        base = samples_by_model[next(iter(samples_by_model))][0]
+        feats = [torch.randn(tokens, width, dtype=torch.bfloat16) for _ in range(sets)]
+        cases.append((label, Sample(torch.zeros(tokens + 200, dtype=torch.long),
+                                    torch.zeros(3, tokens + 200, dtype=torch.long),
+                                    torch.zeros(tokens + 200, dtype=torch.bool), feats[0],
+                                    feats[1:], base.stats, [], [], (16, 16))))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=1024**3, configure_logging=False)
+    try:
+        receiver = Receiver.remote()
+        ray.get(receiver.take.remote(cases[0][1]))  # warm-up: the actor's process exists
+        rows = []
+        for label, sample in cases:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ray.get(receiver.take.remote(ray.put(sample)))
+                times.append(time.perf_counter() - start)
+            rows.append((label, _nbytes(sample), statistics.median(times)))
+        return rows
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _table(all_results: dict, infos: dict, args) -> str:
@@ -198,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of eager")
     parser.add_argument("--cache-dir", default=None,
                         help="where tiny: checkpoints are built (default ~/.cache/medpruner)")
+    parser.add_argument("--handoff", action="store_true",
+                        help="also time one pruned sample through Ray's object store (the "
+                             "per-row cost of a separate engine stage)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 16 requests, concurrency 1 and 8, 8 new tokens")
     args = parser.parse_args(argv)
@@ -208,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         results[name], infos[name] = bench_model(name, args)
     print(_table(results, infos, args))
+    if args.handoff:
+        rows = handoff({name: infos[name]["samples"] for name in args.models})
+        print("\nTwo-stage alternative (a vision stage feeding an engine stage): one pruned sample "
+              "through Ray's object store to another process, median of 5")
+        for label, nbytes, seconds in rows:
+            print(f"  {label:<28} {nbytes / 2**20:>8.2f} MiB  {seconds * 1e3:>8.1f} ms per row")
     return 0
 
 
