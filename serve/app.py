@@ -3,11 +3,12 @@
 - ``Preprocessor`` holds a ``pipeline.stages.LoadStage`` (fetch, decode, window, resize, IAF)
   and calls it with one-row batches.
 - ``ModelServer`` holds a ``pipeline.stages.InferStage`` (one model per replica) and gathers
-  concurrent requests with ``@serve.batch`` (size = ``infer.resources.batch_size``).
+  concurrent requests with ``serve.batch`` (size = ``infer.resources.batch_size``); with the
+  ``vllm`` engine several gathered calls share vLLM's continuously batching async engine.
 - ``Ingress`` serves the FastAPI app of ``serve.api`` and drives the two handles.
 
 Replica resources, counts and autoscaling come from the same ``StageResources`` spec as the
-evaluation job. Run with ``serve run serve.app:app`` (defaults: a tiny offline model) or
+evaluation job. Run with ``serve run serve.app:app`` (defaults: the committed phantom model) or
 ``serve run serve.app:build_app model=<checkpoint> pruning.tau=0.8`` or a serve config YAML.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -174,7 +176,8 @@ class Preprocessor:
 
 @serve.deployment
 class ModelServer:
-    """Model deployment: one InferStage (one model) per replica, ``@serve.batch``-ed."""
+    """Model deployment: one InferStage (one model) per replica; requests gathered by
+    ``serve.batch`` when batching is on."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
         from pipeline.stages import InferStage  # torch + transformers: see _limited_load_stage
@@ -184,16 +187,23 @@ class ModelServer:
                                  max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
                                  slice_size=cfg.slice_size, engine=cfg.engine, serving=True)
         engine = self._stage.vlm.engine
-        # vllm batches continuously across concurrent requests: each one runs the stage in its
-        # own worker thread (the vision tower and hf generate lock themselves), and the engine's
-        # loop bridge hands every answer to vLLM's async engine on this replica's event loop.
-        # hf gathers requests with @serve.batch windows instead.
+        # hf gathers requests with @serve.batch windows: one batch at a time runs the vision
+        # half and one generate call. vllm batches generation continuously: each batch runs in
+        # its own worker thread (the vision tower and hf generate lock themselves), and the
+        # engine's loop bridge hands its samples to vLLM's async engine on this replica's event
+        # loop. With batching on, concurrent requests are also gathered for the vision half,
+        # and several gathered batches may be in the engine at once.
         self._continuous = engine.name == "vllm"
-        self._batching = cfg.infer.batching.enabled and not self._continuous
+        self._batching = cfg.infer.batching.enabled
         self._threads = ThreadPoolExecutor(max_workers=cfg.infer.max_ongoing_requests,
                                            thread_name_prefix="model")
-        self.infer_batch.set_max_batch_size(cfg.infer.resources.batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(cfg.infer.batching.batch_wait_timeout_s)
+        size = cfg.infer.resources.batch_size
+        self._gather = serve.batch(
+            self._in_thread, max_batch_size=size,
+            batch_wait_timeout_s=cfg.infer.batching.batch_wait_timeout_s,
+            max_concurrent_batches=max(1, cfg.infer.max_ongoing_requests // size)
+            if self._continuous else 1)
+        self._calls = Counter()  # stage calls by their number of rows (batch_stats)
 
     def ready(self) -> dict[str, Any]:
         """Model facts; answering at all means the model is loaded."""
@@ -214,8 +224,14 @@ class ModelServer:
         if getattr(self._stage, "vlm", None) is None:
             raise RuntimeError("model not loaded")
 
+    def batch_stats(self) -> dict[str, int]:
+        """How this replica's stage calls were sized so far: ``{rows: calls}`` (streamed
+        requests are not counted)."""
+        return {str(size): n for size, n in sorted(self._calls.items())}
+
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the stage over ``rows`` (each with its own ``max_new_tokens``), keeping order."""
+        self._calls[len(rows)] += 1
         return batch_to_rows(self._stage(rows_to_batch(rows)))
 
     async def _in_thread(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -224,16 +240,11 @@ class ModelServer:
             self._stage.vlm.engine.bind(loop)  # vLLM's async engine lives on this loop
         return await loop.run_in_executor(self._threads, self._run, rows)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def infer_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Gathered requests in one stage call (sizes set from the config in __init__)."""
-        return await self._in_thread(rows)
-
     async def infer(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One request: through the batcher (hf), or alone (batching off, or vllm, whose
-        engine batches concurrent requests itself)."""
+        """One request: gathered with concurrent ones into a stage call (batching on; with
+        vllm several gathered calls share the engine), or alone (batching off)."""
         if self._batching:
-            return await self.infer_batch(row)
+            return await self._gather(row)
         return (await self._in_thread([row]))[0]
 
     async def infer_stream(self, row: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -55,7 +55,8 @@ class DeploymentOptions(StrictModel):
 class BatchingOptions(StrictModel):
     """``@serve.batch`` on the model deployment; the batch size is ``resources.batch_size``."""
 
-    enabled: bool = Field(True, description="gather concurrent requests into one generate call")
+    enabled: bool = Field(True, description="gather concurrent requests into one stage call "
+                                            "(vision half and, with hf, generate)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=10,
                                         description="longest wait for a batch to fill")
 

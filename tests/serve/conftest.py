@@ -108,3 +108,39 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def loaded_rows(model_dir: str, questions: tuple[str, ...], max_new_tokens: int = 4) -> list[dict]:
+    """Rows as the preprocessing deployment hands them to the model: one distinct volume per
+    question, medpruner defaults."""
+    from pipeline.stages import LoadStage
+    from pruning import PruningConfig
+    from serve.app import batch_to_rows
+
+    n = len(questions)
+    pruning = np.empty(n, dtype=object)
+    for i in range(n):
+        pruning[i] = PruningConfig(method="medpruner")
+    batch = {"id": np.array([f"r{i}" for i in range(n)], object),
+             "volume_uri": np.array([""] * n, object),
+             "volume_format": np.array(["npy"] * n, object),
+             "volume_bytes": np.array([npy_bytes(phantom_volume(seed=i)) for i in range(n)],
+                                      object),
+             "pruning": pruning, "prompt": np.array(questions, object),
+             "max_new_tokens": np.array([max_new_tokens] * n)}
+    return batch_to_rows(LoadStage(model_dir)(batch))
+
+
+def gathered_vs_alone(app: str, rows: list[dict]) -> tuple[list, list, dict[int, int]]:
+    """Send ``rows`` to the app's model deployment one by one, then all at once: (answers
+    alone, answers together, {rows per stage call: calls} of the concurrent part)."""
+    from ray import serve
+
+    model = serve.get_deployment_handle("ModelServer", app)
+    alone = [model.infer.remote(r).result() for r in rows]
+    before = model.batch_stats.remote().result()
+    together = [response.result() for response in [model.infer.remote(r) for r in rows]]
+    after = model.batch_stats.remote().result()
+    calls = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    return alone, together, calls
+

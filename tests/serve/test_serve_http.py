@@ -16,7 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import Served, npy_bytes, phantom_volume
+from tests.serve.conftest import (
+    Served,
+    gathered_vs_alone,
+    loaded_rows,
+    npy_bytes,
+    phantom_volume,
+)
 from tests.serve.test_security import _dicom_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -239,3 +245,14 @@ def test_bounded_concurrent_load(served):
     codes = _check_load(asyncio.run(_burst(served, 40, 40)))
     assert 503 in codes and 200 in codes, codes
     _healthy(served)
+
+
+def test_concurrent_requests_are_gathered_into_stage_calls(served):
+    rows = loaded_rows(served.model_dir, tuple(f"Question {i}?" for i in range(8)))
+    alone, together, calls = gathered_vs_alone("medpruner", rows)
+    assert [r["id"] for r in together] == [r["id"] for r in rows]  # each caller its own answer
+    assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
+    assert all(r["error"] == "" for r in together)
+    assert sum(size * n for size, n in calls.items()) == len(rows)
+    assert 1 < max(calls) <= served.args["infer"]["resources"]["batch_size"], calls
+

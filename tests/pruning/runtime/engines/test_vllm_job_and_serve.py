@@ -20,7 +20,7 @@ from pipeline.config import load_config
 from pipeline.graph import run_evaluation
 from tests.jobs.helpers import REPO, free_port, start_local_ray
 from tests.pruning.runtime.engines.conftest import requires_vllm
-from tests.serve.conftest import npy_bytes, phantom_volume
+from tests.serve.conftest import gathered_vs_alone, loaded_rows, npy_bytes, phantom_volume
 
 pytestmark = [requires_vllm, pytest.mark.ray, pytest.mark.slow]
 METHODS = "methods=[{name: original, method: original}, {name: medpruner, method: medpruner}," \
@@ -124,3 +124,17 @@ def test_streaming_chat_completion(served_vllm) -> None:
                        timeout=300).json()
     assert text == plain["choices"][0]["message"]["content"]
     assert chunks[-1]["medpruner"]["stats"] == plain["medpruner"]["stats"]
+
+
+def test_gathered_vision_batches_share_the_engine(served_vllm) -> None:
+    """Batching on with vllm: concurrent requests are gathered for the vision half (several
+    gathered calls in the engine at once) and each still gets its one-by-one answer."""
+    from pipeline.stages import resolve_model
+
+    rows = loaded_rows(resolve_model("phantom"), tuple(f"Question {i}?" for i in range(12)))
+    alone, together, calls = gathered_vs_alone("vllm", rows)
+    assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
+    assert all(r["error"] == "" and r["engine"] == "vllm" for r in together)
+    assert sum(size * n for size, n in calls.items()) == len(rows)
+    assert max(calls) > 1, calls
+
