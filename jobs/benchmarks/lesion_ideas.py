@@ -4,10 +4,13 @@ Each entry maps ``(uint8 slices, budget) -> kept indices`` through the same rank
 finding filters (:func:`pruning.ops.slice_filters.findings_then_anchors`): findings above a
 threshold best first, then anatomy anchors, then even filling. They are benchmark code, kept
 to show what did and did not work on real anatomy (numbers in the README), not options of the
-pruning config. All run on the lesion filter's working grid (:func:`lesion_grid`).
+pruning config. All but the phantom-tower ideas run on the lesion filter's working grid
+(:func:`lesion_grid`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -227,6 +230,95 @@ def run_length_scores(
     return scores
 
 
+# The phantom model (models/phantom-qwen2_5_vl), loaded on first use and kept: the benchmark's
+# untimed warm-up call pays for it, and importing this module loads nothing.
+_PHANTOM: dict[str, Any] = {}
+
+
+def _phantom_vlm():
+    if "vlm" not in _PHANTOM:
+        import torch
+
+        from pruning.runtime.vlm import load_vlm
+
+        torch.set_num_threads(2)
+        _PHANTOM["vlm"] = load_vlm("phantom", device="cpu")
+    return _PHANTOM["vlm"]
+
+
+def low_res_slices(slices: np.ndarray, side: int = 64) -> np.ndarray:
+    """(D, H, W[, C]) uint8 -> (D, side, side) uint8 grey, box-averaged (first channel)."""
+    import torch
+    import torch.nn.functional as F
+
+    arr = np.asarray(slices)
+    grey = torch.from_numpy(np.ascontiguousarray(arr[..., 0] if arr.ndim == 4 else arr))
+    small = F.interpolate(grey[:, None].float(), size=(side, side), mode="area")[:, 0]
+    return small.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def tower_attention(low: np.ndarray) -> np.ndarray:
+    """The phantom vision tower over every low-resolution slice ((D, s, s) uint8 grey, s a
+    multiple of 16; :func:`low_res_slices`) in one batch: per slice and
+    LLM token the attention its patches receive in the tower's last (full-attention) layer,
+    as shares of the slice's total, float64 (D, K).
+
+    Reuses the runtime's capture path (the adapter's ``encode`` with ``Capture(scores=True)``,
+    i.e. :func:`pruning.runtime.capture.capture_attention` and
+    :func:`pruning.ops.attention.attention_received`): the scores MedPruner's DINS reads."""
+    import torch
+
+    from pruning.methods.selection import Capture
+
+    vlm = _phantom_vlm()
+    rgb = torch.from_numpy(np.ascontiguousarray(low))[..., None].expand(-1, -1, -1, 3)
+    enc = vlm.adapter.encode(vlm.model, rgb.contiguous(), vlm.recipe, vlm.lut,
+                             capture=Capture(scores=True))
+    scores = enc.scores.double().numpy()  # (D, K)
+    return scores / scores.sum(axis=1, keepdims=True)
+
+
+def attention_peak_scores(share: np.ndarray, measure: str = "max") -> np.ndarray:
+    """How peaked each slice's attention is: ``max`` (largest token share), ``top4`` (the
+    four largest shares), ``entropy`` (log K minus the shares' entropy)."""
+    if measure == "max":
+        return share.max(axis=1)
+    if measure == "top4":
+        return np.sort(share, axis=1)[:, -4:].sum(axis=1)
+    if measure == "entropy":
+        return np.log(share.shape[1]) + (share * np.log(np.maximum(share, 1e-12))).sum(axis=1)
+    raise ValueError(f"unknown measure {measure!r}; valid: max, top4, entropy")
+
+
+def tower_attention_peak(slices: np.ndarray, budget: float, *, side: int = 64,
+                         measure: str = "max", contrast: int = 0, token_contrast: bool = False
+                         ) -> np.ndarray:
+    """The vision encoder's own attention on a cheap low-resolution pass (the phantom tower:
+    the only trained one available offline; it has seen 64 px synthetic phantoms, never real
+    anatomy). Each slice is scored by how peaked the last layer's attention is
+    (:func:`attention_peak_scores`). ``contrast`` > 0 subtracts the median of that score over
+    the ``contrast`` slices on either side (a peak that is new here, not anatomy along the
+    stack); ``token_contrast`` does it per token position before taking the slice maximum.
+    Ranked by :func:`findings_then_anchors` on the low-resolution slices: without contrast
+    every score is a finding (plain top-k); with it, slices above their neighbours first,
+    then anchors, then even filling."""
+    from scipy import ndimage
+
+    low = low_res_slices(slices, side)
+    share = tower_attention(low)
+    if token_contrast:
+        half = max(contrast, 1)
+        model = ndimage.median_filter(share, size=(2 * half + 1, 1), mode="nearest")
+        scores, threshold = (share - model).max(axis=1), 0.0
+    else:
+        scores = attention_peak_scores(share, measure)
+        threshold = -np.inf
+        if contrast > 0:
+            scores = scores - ndimage.median_filter(scores, size=2 * contrast + 1, mode="nearest")
+            threshold = 0.0
+    return _ranked(low, scores, threshold, budget)
+
+
 IDEAS = {
     "one threshold (the filter before votes)": single_level,
     "finer working grid (126 px)": finer_grid,
@@ -239,4 +331,7 @@ IDEAS = {
     "Hessian blobs + per-voxel z-runs": z_run,
     "through-plane median residual": z_residual,
     "transient shift 3 size 4": transient_real_ct,
+    "phantom-tower attention peak, 64 px": tower_attention_peak,
+    "phantom-tower attention peak, 64 px, minus its z-median (8 either side)":
+        lambda v, b: tower_attention_peak(v, b, contrast=8),
 }
