@@ -17,7 +17,8 @@ so it neither loads nor profiles its vision tower). Each
   pair stays in the prompt as text, as on the ``hf`` engine, and the position jump it causes
   is carried by the next image's positions field (or the last one's);
 - greedy sampling, float32 on CPU; outputs are decoded from token ids with the checkpoint's
-  tokenizer exactly as the ``hf`` engine decodes them.
+  tokenizer exactly as the ``hf`` engine decodes them; a batch's time is split into prefill
+  and decode from vLLM's per-request timestamps (:func:`prefill_split`).
 
 Every request is validated before it is submitted (a wrong embedding width kills vLLM's engine
 core): feature widths, token counts per image, and that the positions reassemble exactly.
@@ -210,10 +211,29 @@ def _engine_kwargs(checkpoint: Path, layout: ModelLayout, *, dtype: torch.dtype 
         max_model_len=max_model_len or min(layout.max_position_embeddings, 32768),
         max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
         kv_cache_memory_bytes=int(kv_cache_gib * 2**30), enable_prefix_caching=True,
-        trust_remote_code=False, disable_log_stats=True,
+        # Stats on: vLLM then stamps each request's scheduling and first / last token
+        # (RequestOutput.metrics), which give t_prefill / t_decode (prefill_split).
+        trust_remote_code=False, disable_log_stats=False,
     )
     kwargs.update(extra or {})
     return kwargs
+
+
+def prefill_split(metrics: Sequence[Any], seconds: float) -> tuple[float, float]:
+    """(t_prefill, t_decode) of requests generated together in ``seconds``.
+
+    ``metrics`` are their ``RequestOutput.metrics`` (vLLM's per-request engine timestamps):
+    prefill runs from the engine queueing the first of them to the last one's first token, and
+    decode is the rest of ``seconds``. (NaN, ``seconds``) when any request lacks timestamps.
+    """
+    stamps = [m for m in metrics
+              if m is not None and getattr(m, "queued_ts", 0) > 0
+              and getattr(m, "first_token_ts", 0) > 0]
+    if not stamps or len(stamps) != len(metrics):
+        return math.nan, seconds
+    prefill = max(m.first_token_ts for m in stamps) - min(m.queued_ts for m in stamps)
+    prefill = min(max(prefill, 0.0), seconds)
+    return prefill, seconds - prefill
 
 
 def _prepare_process() -> None:
@@ -290,17 +310,15 @@ class VLLMEngine(_Checkpointed):
 
     def generate(self, samples: Sequence[Any], max_new_tokens: int,
                  min_new_tokens: int = 0) -> EngineOutput:
-        """Greedy answers, one per sample, decoded as the ``hf`` engine decodes them.
-
-        vLLM does not report when a batch's prefill ends, so ``t_prefill`` is NaN and
-        ``t_decode`` is the whole call.
-        """
+        """Greedy answers, one per sample, decoded as the ``hf`` engine decodes them; the
+        call's time split at the batch's last first token (:func:`prefill_split`)."""
         prompts = self.requests(samples)
         params = sampling_params(max_new_tokens, min_new_tokens)
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
         texts = [decode(self.tokenizer, o.outputs[0].token_ids) for o in outputs]
-        return EngineOutput(texts, math.nan, time.perf_counter() - start)
+        return EngineOutput(texts, *prefill_split([o.metrics for o in outputs], seconds))
 
     def generate_completions(self, samples: Sequence[Any], max_new_tokens: int,
                              min_new_tokens: int = 0) -> list[Completion]:
@@ -335,9 +353,24 @@ class AsyncVLLMEngine(_Checkpointed):
         # Optional and slow to import: only when an engine is built.
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class Quiet(StatLoggerBase):
+            """Keeps nothing: with it vLLM stamps each request (RequestOutput.metrics, for
+            prefill_split) without its default periodic log lines."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def log_engine_initialized(self) -> None:
+                pass
 
         kwargs.pop("disable_log_stats", None)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(disable_log_stats=True, **kwargs))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(disable_log_stats=True, **kwargs),
+                                                stat_loggers=[Quiet])
 
     async def generate(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> str:
         """The greedy answer for one sample (validated before it is submitted).
@@ -346,16 +379,23 @@ class AsyncVLLMEngine(_Checkpointed):
         wake-ups of the caller and no per-token log-probability objects (:meth:`complete`
         has them).
         """
+        return (await self.generate_timed(sample, max_new_tokens, min_new_tokens))[0]
+
+    async def generate_timed(self, sample, max_new_tokens: int, min_new_tokens: int = 0
+                             ) -> tuple[str, Any]:
+        """:meth:`generate`'s answer and the request's ``RequestOutput.metrics`` (vLLM's
+        timestamps, for :func:`prefill_split`)."""
         ids: list[int] = []
+        metrics = None
         async for out in self._outputs(sample, max_new_tokens, min_new_tokens, final_only=True):
-            ids = list(out.token_ids)
-        return decode(self.tokenizer, ids)
+            ids, metrics = list(out.outputs[0].token_ids), out.metrics
+        return decode(self.tokenizer, ids), metrics
 
     async def complete(self, sample, max_new_tokens: int, min_new_tokens: int = 0) -> Completion:
         """The greedy answer with its token ids and log-probabilities."""
         outputs = [o async for o in self._outputs(sample, max_new_tokens, min_new_tokens,
                                                   logprobs=True)]
-        out = outputs[-1]  # cumulative: the last one holds the whole answer
+        out = outputs[-1].outputs[0]  # cumulative: the last one holds the whole answer
         ids = list(out.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(ids, out.logprobs, strict=True)]
         return Completion(decode(self.tokenizer, ids), ids, logprobs)
@@ -365,7 +405,7 @@ class AsyncVLLMEngine(_Checkpointed):
         """Text deltas of the greedy answer as tokens arrive; they join to :meth:`generate`."""
         sent, ids = "", []
         async for out in self._outputs(sample, max_new_tokens, min_new_tokens):
-            ids = list(out.token_ids)
+            ids = list(out.outputs[0].token_ids)
             text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
             if text.startswith(sent) and not text.endswith("\ufffd"):  # no half characters
                 if len(text) > len(sent):
@@ -377,8 +417,8 @@ class AsyncVLLMEngine(_Checkpointed):
 
     async def _outputs(self, sample, max_new_tokens: int, min_new_tokens: int,
                        logprobs: bool = False, final_only: bool = False):
-        """Cumulative ``CompletionOutput`` of one request as the engine produces tokens (only
-        the finished one with ``final_only``)."""
+        """Cumulative ``RequestOutput`` of one request as the engine produces tokens (only the
+        finished one with ``final_only``)."""
         from vllm.sampling_params import RequestOutputKind
 
         prompt = build_request(sample, self.layout, self.max_images)
@@ -388,7 +428,7 @@ class AsyncVLLMEngine(_Checkpointed):
         if logprobs:
             params.logprobs = 0
         async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            yield out.outputs[0]
+            yield out
 
     def shutdown(self) -> None:
         """Stop the engine core process (idempotent)."""
@@ -445,9 +485,11 @@ class LoopBridge:
         check_budget(max_new_tokens, min_new_tokens)
         start = time.perf_counter()
         futures = [asyncio.run_coroutine_threadsafe(
-            self.engine.generate(s, max_new_tokens, min_new_tokens), self.loop) for s in samples]
-        texts = [f.result() for f in futures]
-        return EngineOutput(texts, math.nan, time.perf_counter() - start)
+            self.engine.generate_timed(s, max_new_tokens, min_new_tokens), self.loop)
+            for s in samples]
+        texts, metrics = zip(*(f.result() for f in futures), strict=True) if futures else ((), ())
+        seconds = time.perf_counter() - start
+        return EngineOutput(list(texts), *prefill_split(list(metrics), seconds))
 
     def shutdown(self) -> None:
         """Stop the engine core process."""

@@ -126,3 +126,20 @@ def test_sampling_bounds_are_checked():
         sampling_params(4, 5)
     params = sampling_params(4, 2)
     assert (params.temperature, params.max_tokens, params.min_tokens) == (0.0, 4, 2)
+
+
+def test_prefill_split_runs_to_the_last_first_token():
+    from types import SimpleNamespace
+
+    from pruning.runtime.engines.vllm_engine import prefill_split
+
+    def stamps(queued, first):
+        return SimpleNamespace(queued_ts=queued, scheduled_ts=queued, first_token_ts=first)
+
+    # queued at 10.0 and 10.1; first tokens at 10.3 and 10.5: prefill 0.5 s of a 2 s call
+    assert prefill_split([stamps(10.0, 10.3), stamps(10.1, 10.5)], 2.0) == pytest.approx((0.5, 1.5))
+    assert prefill_split([stamps(10.0, 13.0)], 2.0) == (2.0, 0.0)  # never more than the call
+    for missing in ([None], [stamps(10.0, 10.3), None], [stamps(0.0, 0.0)], []):
+        prefill, decode = prefill_split(missing, 2.0)
+        assert prefill != prefill and decode == 2.0  # NaN: vLLM kept no timestamps
+

@@ -68,8 +68,9 @@ def test_greedy_equals_hf_twice(family, vlm, engine, method):
         assert sum(s.stats.tokens_kept for s in first) < sum(s.stats.tokens_total for s in first)
     if family == "qwen3_vl":
         assert all(len(s.deepstack) == engine.layout.deepstack_layers > 0 for s in first)
-    assert engine.generate(first, NEW_TOKENS, NEW_TOKENS).texts == [
-        c.text for c in engine.generate_completions(first, NEW_TOKENS, NEW_TOKENS)]
+    out = engine.generate(first, NEW_TOKENS, NEW_TOKENS)
+    assert out.texts == [c.text for c in engine.generate_completions(first, NEW_TOKENS, NEW_TOKENS)]
+    assert 0 < out.t_prefill and 0 < out.t_decode  # split at the batch's last first token
 
 
 @pytest.mark.parametrize("method", ["medpruner", "visionzip"])
