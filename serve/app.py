@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -204,6 +205,7 @@ class ModelServer:
             max_concurrent_batches=max(1, cfg.infer.max_ongoing_requests // size)
             if self._continuous else 1)
         self._calls = Counter()  # stage calls by their number of rows (batch_stats)
+        self._calls_lock = threading.Lock()  # gathered vllm calls run in parallel threads
 
     def ready(self) -> dict[str, Any]:
         """Model facts; answering at all means the model is loaded."""
@@ -227,11 +229,13 @@ class ModelServer:
     def batch_stats(self) -> dict[str, int]:
         """How this replica's stage calls were sized so far: ``{rows: calls}`` (streamed
         requests are not counted)."""
-        return {str(size): n for size, n in sorted(self._calls.items())}
+        with self._calls_lock:
+            return {str(size): n for size, n in sorted(self._calls.items())}
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the stage over ``rows`` (each with its own ``max_new_tokens``), keeping order."""
-        self._calls[len(rows)] += 1
+        with self._calls_lock:
+            self._calls[len(rows)] += 1
         return batch_to_rows(self._stage(rows_to_batch(rows)))
 
     async def _in_thread(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
