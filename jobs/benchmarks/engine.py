@@ -1,8 +1,8 @@
 """hf vs vllm engine on the same pruned inputs: throughput and latency under concurrency.
 
-``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64] [--handoff]
+``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64]
 [--concurrency 1 8 32] [--new-tokens 32] [--hf-batch-size 4] [--dtype float32|bfloat16]
-[--compile] [--quick]``
+[--compile] [--handoff] [--quick]``
 
 Per model spec (default: the trained phantom checkpoint and a bench-size random Qwen2.5-VL,
 LM 8 x 512) the volumes are pruned once (``--method``, default MedPruner) by our vision half, and the same
@@ -129,7 +129,8 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
                 _closed_loop(hf.submit, samples, args.requests, c))
             results[c]["hf"] = _row(wall, lat, args.requests, args.new_tokens)
             print(f"[{name} hf c={c} done]", flush=True)
-        engine = AsyncVLLMEngine(ckpt, dtype=args.dtype, max_images=args.slices, max_num_seqs=max(args.concurrency),
+        engine = AsyncVLLMEngine(ckpt, dtype=args.dtype, max_images=args.slices,
+                                 max_num_seqs=max(args.concurrency),
                                  max_model_len=4096, kv_cache_gib=2.0,
                                  enforce_eager=not args.compile,
                                  engine_args={"enable_prefix_caching": False})
