@@ -94,8 +94,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         "preprocess": {"resources": {"num_cpus": 0.5, "batch_size": 1},
                        "max_ongoing_requests": 4, "max_queued_requests": 4,
                        "graceful_shutdown_timeout_s": 0.5},
+        # a wide batching window: requests sent together are gathered even on a loaded host
         "infer": {"resources": {"num_cpus": 1, "batch_size": 4}, "max_ongoing_requests": 8,
-                  "max_queued_requests": 8, "graceful_shutdown_timeout_s": 0.5},
+                  "max_queued_requests": 8, "graceful_shutdown_timeout_s": 0.5,
+                  "batching": {"batch_wait_timeout_s": 0.1}},
     }
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=300 * MiB,
              log_to_driver=False, configure_logging=False)

@@ -64,7 +64,7 @@ def served_vllm(tmp_path_factory):
             "preprocess": {"resources": {"num_cpus": 0.5, "max_actors": 1},
                            "max_ongoing_requests": 16, "max_queued_requests": 64},
             "infer": {"resources": {"num_cpus": 1}, "max_ongoing_requests": 32,
-                      "max_queued_requests": 64}}
+                      "max_queued_requests": 64, "batching": {"batch_wait_timeout_s": 0.1}}}
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              object_store_memory=300 * 1024**2, log_to_driver=False, configure_logging=False)
     try:
