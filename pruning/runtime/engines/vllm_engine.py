@@ -226,12 +226,10 @@ def prefill_split(metrics: Sequence[Any], seconds: float) -> tuple[float, float]
     prefill runs from the engine queueing the first of them to the last one's first token, and
     decode is the rest of ``seconds``. (NaN, ``seconds``) when any request lacks timestamps.
     """
-    stamps = [m for m in metrics
-              if m is not None and getattr(m, "queued_ts", 0) > 0
-              and getattr(m, "first_token_ts", 0) > 0]
-    if not stamps or len(stamps) != len(metrics):
+    if not metrics or any(m is None or m.queued_ts <= 0 or m.first_token_ts <= 0
+                          for m in metrics):
         return math.nan, seconds
-    prefill = max(m.first_token_ts for m in stamps) - min(m.queued_ts for m in stamps)
+    prefill = max(m.first_token_ts for m in metrics) - min(m.queued_ts for m in metrics)
     prefill = min(max(prefill, 0.0), seconds)
     return prefill, seconds - prefill
 
@@ -487,9 +485,10 @@ class LoopBridge:
         futures = [asyncio.run_coroutine_threadsafe(
             self.engine.generate_timed(s, max_new_tokens, min_new_tokens), self.loop)
             for s in samples]
-        texts, metrics = zip(*(f.result() for f in futures), strict=True) if futures else ((), ())
+        answers = [f.result() for f in futures]
         seconds = time.perf_counter() - start
-        return EngineOutput(list(texts), *prefill_split(list(metrics), seconds))
+        return EngineOutput([text for text, _ in answers],
+                            *prefill_split([metrics for _, metrics in answers], seconds))
 
     def shutdown(self) -> None:
         """Stop the engine core process."""
