@@ -71,7 +71,7 @@ def drop_slice_tokens(vlm, sample, slice_index: int):
 
     import torch
 
-    from pruning.runtime.engines.vllm_engine import image_runs
+    from pruning.runtime.engines.vllm_requests import image_runs
 
     start, end = image_runs(sample.image_mask)[slice_index]
     keep = torch.ones_like(sample.input_ids, dtype=torch.bool)
