@@ -120,9 +120,7 @@ def loaded_rows(model_dir: str, questions: tuple[str, ...], max_new_tokens: int 
     from serve.app import batch_to_rows
 
     n = len(questions)
-    pruning = np.empty(n, dtype=object)
-    for i in range(n):
-        pruning[i] = PruningConfig(method="medpruner")
+    pruning = np.array([PruningConfig(method="medpruner").model_dump_json()] * n, object)
     batch = {"id": np.array([f"r{i}" for i in range(n)], object),
              "volume_uri": np.array([""] * n, object),
              "volume_format": np.array(["npy"] * n, object),

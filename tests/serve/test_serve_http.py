@@ -118,11 +118,11 @@ def test_parity_with_evaluation_stages(served):
     r = _post(served, "/v1/analyze", json=_inline(return_kept_tokens=True))
     assert r.status_code == 200, r.text
     body = r.json()
-    pruning = np.empty(1, dtype=object)  # Serve's rows carry the request's config object
-    pruning[0] = PruningConfig.model_validate(body["pruning"])
+    # Serve's rows carry the request's configuration as JSON, as the job's rows do
+    pruning = PruningConfig.model_validate(body["pruning"]).model_dump_json()
     path = served.root / "ct.npy"
     batch = {"id": np.array(["p"], object), "volume_uri": np.array([str(path)], object),
-             "volume_format": np.array(["npy"], object), "pruning": pruning,
+             "volume_format": np.array(["npy"], object), "pruning": np.array([pruning], object),
              "prompt": np.array([build_prompt(QUESTION["question"], "closed",
                                               QUESTION["choices"])], object)}
     loaded = LoadStage(served.model_dir)(batch)
