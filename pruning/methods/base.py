@@ -67,6 +67,10 @@ class PruningConfig(BaseModel):
     )
 
     method_name: ClassVar[str] = ""
+    # Whether the slice or token rule reads the question. None of today's methods does, so a
+    # volume's pruned tokens serve every question about it; a method that sets this is never
+    # given another question's pruned tokens (pipeline stages, Serve).
+    question_aware: ClassVar[bool] = False
 
     def __init_subclass__(cls, method: str = "", **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

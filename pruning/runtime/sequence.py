@@ -1,6 +1,8 @@
 """Build the pruned language-model input of each volume, and pad samples into a batch.
 
-The full prompt (every encoded slice with all K placeholders) is rendered with the
+Two steps: :func:`prune_volume` runs the method's token rule on a volume's encoder output
+(question-free: a :class:`PrunedVolume`), :func:`question_sample` builds one question's input
+from it. The full prompt (every encoded slice with all K placeholders) is rendered with the
 checkpoint's own chat template and tokenized; its position ids are computed by the adapter on
 this *full* sequence (Qwen: 3-row M-RoPE from ``get_rope_index``); then placeholder columns of
 pruned tokens are dropped and ids, positions and image mask gathered at the kept columns.
@@ -9,7 +11,7 @@ pruned tokens are dropped and ids, positions and image mask gathered at the kept
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,16 +74,45 @@ def render_prompt(vlm: ModelParts, numbers: list[int], prompt: str, tokens_per_s
     return ids[0].to(vlm.device)
 
 
-def build_sample(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: Encoded,
-                 pruning: PruningConfig) -> tuple[Sample, float]:
-    """Select tokens of one volume (the method's token rule) and gather its pruned LM input.
+@dataclass
+class PrunedVolume:
+    """One volume's question-free model input: what its method kept, ready for any prompt.
+
+    MedPruner's slice and token rules never read the question, so for one volume, method
+    configuration and model this is the same for every question (:func:`question_sample`
+    turns it into one question's :class:`Sample`); servers and the evaluation job cache it.
+    """
+
+    plan: SlicePlan  # which slices were encoded
+    size: tuple[int, int]  # model-input slice (height, width)
+    token_grid: tuple[int, int]  # LLM tokens per slice as rows x cols
+    indices: list[torch.Tensor]  # per encoded slice, kept LLM-token indices (k_j,) long
+    features: torch.Tensor  # (T, D) kept visual features in sequence order
+    deepstack: list[torch.Tensor]  # each (T, D) (Qwen3-VL)
+    stats: PruneStats
+    kept_slices: list[int]  # original numbers of the slices that kept tokens
+    kept_tokens: list[list[int]]  # per kept slice, kept LLM-token indices
+    timings: dict[str, float] = field(default_factory=dict)  # t_iaf_s, t_vision_s, t_select_s
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its tensors hold (what a cache of pruned volumes counts)."""
+        tensors = [self.features, *self.deepstack, *self.indices]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prune_volume(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, enc: Encoded,
+                 pruning: PruningConfig) -> tuple[PrunedVolume, float]:
+    """The method's token rule on one encoded volume: its kept tokens, without a prompt.
 
     Args:
         plan: which slices were encoded (``slices_u8`` holds exactly those, in order).
         slices_u8: (n, h, w, 3) uint8 model-input slices.
         enc: their vision-tower output.
+        pruning: the method (its token rule and profile).
 
-    Returns the sample and the seconds spent in token selection (prompt building excluded).
+    Returns:
+        The pruned volume and the seconds spent in token selection.
     """
     size = (int(slices_u8.shape[1]), int(slices_u8.shape[2]))
     grid = vlm.recipe.token_grid(size)
@@ -95,21 +126,6 @@ def build_sample(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, prompt
     synchronize(vlm.device)
     select_seconds = time.perf_counter() - start
     numbers = [int(n) for n in plan.encode]
-    ids = render_prompt(vlm, numbers, prompt, k)
-    image_mask = ids == vlm.adapter.image_token_id(vlm.model)
-    if int(image_mask.sum()) != len(numbers) * k:
-        raise RuntimeError(f"prompt has {int(image_mask.sum())} visual tokens, expected "
-                           f"{len(numbers)} slices x {k}")
-    positions = vlm.adapter.position_ids(vlm.model, ids, image_mask, len(numbers), size)
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    blocks = torch.nonzero(image_mask, as_tuple=True)[0].view(len(numbers), k)  # (n, K)
-    for block, sel in zip(blocks, selections, strict=True):
-        dropped = torch.ones(k, dtype=torch.bool, device=ids.device)
-        dropped[sel.indices.to(ids.device)] = False
-        keep[block[dropped]] = False
-    positions = positions[:, keep]
-    if vlm.adapter.renumber_positions(pruning.profile):
-        positions = torch.arange(int(keep.sum()), device=ids.device).expand_as(positions)
     counts = [int(sel.indices.numel()) for sel in selections]
     kept = [j for j, c in enumerate(counts) if c > 0]
     stats = PruneStats(
@@ -117,15 +133,59 @@ def build_sample(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, prompt
         tokens_after_iaf=plan.slices_kept * k, tokens_kept=sum(counts),
         tokens_per_slice=[counts[j] for j in kept],
     )
-    sample = Sample(
-        input_ids=ids[keep], positions=positions, image_mask=image_mask[keep],
+    pruned = PrunedVolume(
+        plan=plan, size=size, token_grid=grid, indices=[sel.indices for sel in selections],
         features=torch.cat([sel.embeddings for sel in selections]),
         deepstack=[torch.cat([sel.deepstack[j] for sel in selections])
                    for j in range(len(selections[0].deepstack))],
         stats=stats, kept_slices=[numbers[j] for j in kept],
-        kept_tokens=[selections[j].indices.tolist() for j in kept], token_grid=grid,
+        kept_tokens=[selections[j].indices.tolist() for j in kept],
     )
-    return sample, select_seconds
+    return pruned, select_seconds
+
+
+def question_sample(vlm: ModelParts, pruned: PrunedVolume, prompt: str, profile: str) -> Sample:
+    """One question's pruned LM input from a pruned volume: the full prompt is rendered, its
+    positions computed on the full sequence, and ids, positions and image mask gathered at
+    the kept columns (cheap: no vision, no selection).
+
+    Raises:
+        RuntimeError: the rendered prompt does not hold the volume's visual tokens.
+    """
+    numbers = [int(n) for n in pruned.plan.encode]
+    k = pruned.token_grid[0] * pruned.token_grid[1]
+    ids = render_prompt(vlm, numbers, prompt, k)
+    image_mask = ids == vlm.adapter.image_token_id(vlm.model)
+    if int(image_mask.sum()) != len(numbers) * k:
+        raise RuntimeError(f"prompt has {int(image_mask.sum())} visual tokens, expected "
+                           f"{len(numbers)} slices x {k}")
+    positions = vlm.adapter.position_ids(vlm.model, ids, image_mask, len(numbers), pruned.size)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    blocks = torch.nonzero(image_mask, as_tuple=True)[0].view(len(numbers), k)  # (n, K)
+    for block, indices in zip(blocks, pruned.indices, strict=True):
+        dropped = torch.ones(k, dtype=torch.bool, device=ids.device)
+        dropped[indices.to(ids.device)] = False
+        keep[block[dropped]] = False
+    positions = positions[:, keep]
+    if vlm.adapter.renumber_positions(profile):
+        positions = torch.arange(int(keep.sum()), device=ids.device).expand_as(positions)
+    return Sample(
+        input_ids=ids[keep], positions=positions, image_mask=image_mask[keep],
+        features=pruned.features, deepstack=pruned.deepstack, stats=pruned.stats,
+        kept_slices=pruned.kept_slices, kept_tokens=pruned.kept_tokens,
+        token_grid=pruned.token_grid,
+    )
+
+
+def build_sample(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: Encoded,
+                 pruning: PruningConfig) -> tuple[Sample, float]:
+    """Select tokens of one volume (the method's token rule) and gather its pruned LM input:
+    :func:`prune_volume` then :func:`question_sample`.
+
+    Returns the sample and the seconds spent in token selection (prompt building excluded).
+    """
+    pruned, select_seconds = prune_volume(vlm, plan, slices_u8, enc, pruning)
+    return question_sample(vlm, pruned, prompt, pruning.profile), select_seconds
 
 
 def build_batch(vlm: ModelParts, samples: list[Sample]) -> dict[str, Any]:

@@ -17,6 +17,11 @@ volume, ``VLM.generate_batch`` several (left padding; greedy output equals one-b
    first logits (a logits-processor hook sees them right after the prefill forward);
    ``t_decode_s`` is the rest. Devices are synchronised before every clock read. In a batch,
    vision / prefill / decode times are shared and split evenly over its volumes.
+
+Steps 1-4 never read the question: :meth:`VLM.prune_batch` returns each volume's
+:class:`~pruning.runtime.sequence.PrunedVolume`, and :meth:`VLM.prepare_pruned` builds any
+number of questions' inputs from it (step 5's prompt, positions and gathering only), so a
+caller may keep pruned volumes and answer further questions without the vision tower.
 """
 
 from __future__ import annotations
@@ -45,11 +50,20 @@ from pruning.runtime.recipe import (
     image_processor_config,
     recipe_from_configs,
 )
-from pruning.runtime.sequence import ModelParts, Sample, build_batch, build_sample
+from pruning.runtime.sequence import (
+    ModelParts,
+    PrunedVolume,
+    Sample,
+    build_batch,
+    prune_volume,
+    question_sample,
+)
 
 # Per-sample timings the model side reports, and with the slice stage's, all of them.
 MODEL_TIMING_KEYS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
 TIMING_KEYS = ("t_iaf_s", *MODEL_TIMING_KEYS)
+# What the question-free half spends (zero on a sample whose pruned volume was reused).
+VISION_TIMING_KEYS = ("t_iaf_s", "t_vision_s", "t_select_s")
 
 
 @dataclass
@@ -62,18 +76,21 @@ class Generation:
     kept_slices: list[int]  # original slice numbers that contribute tokens
     kept_tokens: list[list[int]]  # per kept slice, kept LLM-token indices (raster order)
     token_grid: tuple[int, int]  # LLM tokens per slice as rows x cols
+    vision_reused: bool = False  # its pruned tokens came from an earlier row or request
 
     @classmethod
-    def from_sample(cls, sample: Sample, text: str, timings: dict[str, float]) -> Generation:
+    def from_sample(cls, sample: Sample, text: str, timings: dict[str, float],
+                    vision_reused: bool = False) -> Generation:
         """The generation of one pruned ``sample`` whose answer is ``text``."""
         return cls(text=text, stats=sample.stats, timings=timings, kept_slices=sample.kept_slices,
-                   kept_tokens=sample.kept_tokens, token_grid=sample.token_grid)
+                   kept_tokens=sample.kept_tokens, token_grid=sample.token_grid,
+                   vision_reused=vision_reused)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (stats flattened through ``PruneStats.to_dict``)."""
         return {"text": self.text, "stats": self.stats.to_dict(), "timings": dict(self.timings),
                 "kept_slices": list(self.kept_slices), "kept_tokens": [list(t) for t in self.kept_tokens],
-                "token_grid": list(self.token_grid)}
+                "token_grid": list(self.token_grid), "vision_reused": self.vision_reused}
 
 
 @dataclass
@@ -83,6 +100,7 @@ class Prepared:
     samples: list[Sample]
     timings: list[dict[str, float]]  # per sample: t_iaf_s, t_vision_s, t_select_s
     parts: ModelParts = field(repr=False)
+    reused: list[bool] | None = None  # per sample: its pruned volume was computed earlier
 
     @cached_property
     def inputs(self) -> dict[str, Any]:
@@ -93,11 +111,12 @@ class Prepared:
         """One Generation per sample from an engine's answers; the call's prefill and decode
         seconds are shared evenly over the samples (NaN prefill: the engine cannot tell)."""
         share = len(self.samples)
+        reused = self.reused or [False] * share
         return [Generation.from_sample(sample, text, {
                     **timing, "t_prefill_s": output.t_prefill / share,
-                    "t_decode_s": output.t_decode / share})
-                for sample, timing, text in zip(self.samples, self.timings, output.texts,
-                                                 strict=True)]
+                    "t_decode_s": output.t_decode / share}, again)
+                for sample, timing, text, again in zip(self.samples, self.timings, output.texts,
+                                                        reused, strict=True)]
 
 
 class VLM:
@@ -161,49 +180,103 @@ class VLM:
     # ------------------------------------------------------------------ stages
     def prepare_batch(self, volumes, prompts, *, pruning: PruningConfig | dict | None = None,
                       modality: str = "CT", plans: list[SlicePlan] | None = None) -> Prepared:
-        """Stages 1-4 for a batch: slices, vision, selection, pruned LM inputs."""
+        """Stages 1-4 for a batch: slices, vision, selection (:meth:`prune_batch`), then each
+        question's pruned LM input (:meth:`prepare_pruned`)."""
         pruning = PruningConfig(method="original") if pruning is None else parse_pruning(pruning)
         volumes, prompts = list(volumes), list(prompts)
         if not volumes or len(volumes) != len(prompts):
             raise ValueError(f"expected as many prompts as volumes (>= 1), got {len(volumes)} "
                              f"volumes and {len(prompts)} prompts")
+        for i, prompt in enumerate(prompts):  # before the tower spends time on the volumes
+            self.check_prompt(i, prompt)
+        pruned = self.prune_batch(volumes, pruning=pruning, modality=modality, plans=plans)
+        return self.prepare_pruned(pruned, prompts, pruning=pruning)
+
+    def prune_batch(self, volumes, *, pruning: PruningConfig | dict | None = None,
+                    modality: str = "CT", plans: list[SlicePlan] | None = None
+                    ) -> list[PrunedVolume]:
+        """The question-free half for a batch: slice rule (unless ``plans`` are given), vision
+        tower on the planned slices, the method's token rule. Each pruned volume carries its
+        share of the batch's timings (``t_iaf_s``, ``t_vision_s``, ``t_select_s``).
+
+        Raises:
+            ValueError: bad volumes or plans (see :meth:`generate_batch`).
+        """
+        pruning = PruningConfig(method="original") if pruning is None else parse_pruning(pruning)
+        volumes = list(volumes)
+        if not volumes:
+            raise ValueError("expected at least one volume")
         if plans is not None and len(plans) != len(volumes):
             raise ValueError(f"expected one slice plan per volume, got {len(plans)} plans for "
                              f"{len(volumes)} volumes")
-        staged = [self._slice_stage(i, v, p, pruning, modality, None if plans is None else plans[i])
-                  for i, (v, p) in enumerate(zip(volumes, prompts, strict=True))]
+        staged = [self._slice_stage(i, v, pruning, modality, None if plans is None else plans[i])
+                  for i, v in enumerate(volumes)]
         capture = pruning.capture(len(self.adapter.attention_layers(self.model)))
         with self._vision_lock:
             encoded, t_vision, t_capture = self._encode([s[1] for s in staged], capture,
                                                         pruning.profile)
         share = len(staged)
-        samples, timings = [], []
-        for (plan, slices, prompt, t_iaf), enc in zip(staged, encoded, strict=True):
-            sample, t_select = build_sample(self, plan, slices, prompt, enc, pruning)
-            samples.append(sample)
-            timings.append({"t_iaf_s": t_iaf, "t_vision_s": t_vision / share,
-                            "t_select_s": t_select + t_capture / share})
-        return Prepared(samples=samples, timings=timings, parts=self)
+        out = []
+        for (plan, slices, t_iaf), enc in zip(staged, encoded, strict=True):
+            pruned, t_select = prune_volume(self, plan, slices, enc, pruning)
+            pruned.timings = {"t_iaf_s": t_iaf, "t_vision_s": t_vision / share,
+                              "t_select_s": t_select + t_capture / share}
+            out.append(pruned)
+        return out
 
-    def _slice_stage(self, i: int, volume, prompt, pruning: PruningConfig, modality: str,
-                     plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, str, float]:
-        """(plan, the planned slices prepared as uint8 (n, h, w, 3), prompt, seconds)."""
+    def prepare_pruned(self, pruned: list[PrunedVolume], prompts, *,
+                       pruning: PruningConfig | dict | None = None,
+                       reused: list[bool] | None = None) -> Prepared:
+        """Each question's pruned LM input from its volume's pruned tokens (the per-question
+        half: prompt, positions, gathering; no vision). A sample marked ``reused`` (its pruned
+        volume was computed for an earlier row or request) records no slice, vision or
+        selection time.
+
+        Raises:
+            ValueError: as many prompts as pruned volumes are needed; a prompt holding a
+                reserved image token.
+        """
+        pruning = PruningConfig(method="original") if pruning is None else parse_pruning(pruning)
+        prompts = list(prompts)
+        reused = [False] * len(pruned) if reused is None else list(reused)
+        if not pruned or not len(pruned) == len(prompts) == len(reused):
+            raise ValueError(f"expected one prompt and reuse flag per pruned volume (>= 1), got "
+                             f"{len(pruned)} volumes, {len(prompts)} prompts, {len(reused)} flags")
+        for i, prompt in enumerate(prompts):
+            self.check_prompt(i, prompt)
+        samples = [question_sample(self, p, prompt, pruning.profile)
+                   for p, prompt in zip(pruned, prompts, strict=True)]
+        timings = [dict.fromkeys(VISION_TIMING_KEYS, 0.0) if again
+                   else {k: p.timings.get(k, 0.0) for k in VISION_TIMING_KEYS}
+                   for p, again in zip(pruned, reused, strict=True)]
+        return Prepared(samples=samples, timings=timings, parts=self, reused=reused)
+
+    def check_prompt(self, i: int, prompt: Any) -> None:
+        """Refuse prompt ``i`` unless it is a string without the model's reserved image tokens.
+
+        Raises:
+            ValueError: naming the prompt and what is wrong with it.
+        """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
         for reserved in self.adapter.reserved_strings(self.processor):
             if reserved and reserved in prompt:
                 raise ValueError(f"prompt {i} contains the reserved image token {reserved!r}")
+
+    def _slice_stage(self, i: int, volume, pruning: PruningConfig, modality: str,
+                     plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, float]:
+        """(plan, the planned slices prepared as uint8 (n, h, w, 3), seconds)."""
         if not self.recipe.is_prepared(volume):
             volume = self.recipe.prepare(check_volume(volume), modality)
         if plan is not None:
             if volume.shape[0] != plan.encode.size:
                 raise ValueError(f"volume {i} holds {volume.shape[0]} slices but its plan "
                                  f"encodes {plan.encode.size} ({plan.encode.tolist()})")
-            return plan, volume, prompt, 0.0
+            return plan, volume, 0.0
         start = time.perf_counter()
         plan = pruning.slice_plan(volume)
         t_iaf = time.perf_counter() - start
-        return plan, volume[plan.encode], prompt, t_iaf
+        return plan, volume[plan.encode], t_iaf
 
     def _encode(self, slice_sets: list[np.ndarray], capture: Capture, profile: str
                 ) -> tuple[list[Encoded], float, float]:
