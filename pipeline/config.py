@@ -114,6 +114,11 @@ class DatasetConfig(StrictModel):
         4, ge=1, description="phantom volumes to generate when uri=synthetic (each yields "
         "several records: closed / open / report items) or uri=phantom (one question each)"
     )
+    questions_per_volume: int = Field(
+        1, ge=1, le=6, description="uri=phantom only: questions asked about each volume "
+        "(1: today's one balanced question; 2-6: presence, organ, count, each closed then "
+        "open, organ only for volumes with lesions)"
+    )
     seed: int = Field(0, description="seed of the synthetic dataset")
 
     @field_validator("format")
@@ -128,6 +133,9 @@ class DatasetConfig(StrictModel):
     def _phantom_is_jsonl(self) -> DatasetConfig:
         if self.uri == PHANTOM and self.format != "jsonl":
             raise ValueError(f"uri 'phantom' is written as canonical records: set format: jsonl, not {self.format!r}")
+        if self.questions_per_volume != 1 and self.uri != PHANTOM:
+            raise ValueError(f"questions_per_volume applies to uri 'phantom' only, not "
+                             f"{self.uri!r}")
         return self
 
 
@@ -230,6 +238,15 @@ class RunOptions(StrictModel):
     max_error_rate: float = Field(
         0.5, ge=0, le=1, description="fail the job (exit 1) when more rows than this share "
         "end in error"
+    )
+    reuse_vision: bool = Field(
+        True, description="compute a volume's plan, slices and pruned visual tokens once per "
+        "(volume, method) and reuse them for its other questions (methods that do not read "
+        "the question only); false recomputes them for every row (A/B runs)"
+    )
+    reuse_cache_mb: float = Field(
+        256.0, ge=0, description="bound, per load actor and per model actor, of the reused "
+        "data kept across batches (MiB; 0: reuse within a batch only)"
     )
 
 

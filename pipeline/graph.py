@@ -106,11 +106,14 @@ def resolve_manifest(config: EvalConfig) -> str:
         if "://" in config.cache_path():
             raise ConfigError(f"dataset.uri 'phantom' is written into cache_dir, which must be a "
                              f"local folder, not {config.cache_path()!r}")
-        folder = Path(config.cache_path()) / "datasets" / f"phantom-test-n{ds.synthetic_volumes}-s{ds.seed}"
+        asked = "" if ds.questions_per_volume == 1 else f"-q{ds.questions_per_volume}"
+        name = f"phantom-test-n{ds.synthetic_volumes}-s{ds.seed}{asked}"
+        folder = Path(config.cache_path()) / "datasets" / name
         manifest = folder / "records.jsonl"
         if not manifest.exists():  # build beside it, then rename: never a half-written set
             scratch = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-            write_benchmark(scratch, n=ds.synthetic_volumes, offset=ds.seed)
+            write_benchmark(scratch, n=ds.synthetic_volumes, offset=ds.seed,
+                            questions_per_volume=ds.questions_per_volume)
             try:
                 os.rename(scratch, folder)
             except OSError:
@@ -131,7 +134,10 @@ def resolve_manifest(config: EvalConfig) -> str:
 
 
 def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
-    """One row per (record, method), method-major so batches share a pruning config.
+    """One row per (record, method), method-major so batches share a pruning config, and
+    within a method a volume's records together (in the order volumes first appear; records
+    of one volume keep their order), so the stages load and encode it once for all of its
+    questions (:mod:`pipeline.reuse`).
 
     ``method`` is the method's label and ``pruning`` its configuration as JSON (the row
     contract of :mod:`pipeline.stages`), as the results table stores them.
@@ -152,6 +158,10 @@ def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
             "choices_json": json.dumps(record.choices or {}),
             "prompt": build_prompt(record, record.task, record.choices),
         })
+    first: dict[str, int] = {}
+    for sample in samples:
+        first.setdefault(sample["volume_uri"], len(first))
+    samples.sort(key=lambda sample: first[sample["volume_uri"]])  # stable: keeps record order
     model = config.model.path
     return [
         {**sample, "model": model, "method": spec.name, "pruning": spec.pruning.model_dump_json()}
@@ -272,14 +282,15 @@ def stage_specs(config: EvalConfig) -> dict[str, StageSpec]:
     model = {"model": config.model.path, "cache_dir": config.cache_path(),
              "slice_size": config.model.slice_size}
     run = config.run
+    reuse = {"reuse": run.reuse_vision, "reuse_cache_mb": run.reuse_cache_mb}
     return {
         "load": StageSpec(LoadActor, {
             **model, "storage": config.dataset_storage, "max_volume_bytes": run.max_volume_bytes,
             "limits": run.limits.model_dump(), "transient_retries": run.transient_retries,
-            "retry_backoff_s": run.retry_backoff_s}, config.stages.load),
+            "retry_backoff_s": run.retry_backoff_s, **reuse}, config.stages.load),
         "infer": StageSpec(InferActor, {
             **model, "device": config.model.device, "dtype": config.model.dtype,
-            "engine": config.model.engine, "max_new_tokens": config.max_new_tokens},
+            "engine": config.model.engine, "max_new_tokens": config.max_new_tokens, **reuse},
             config.stages.infer),
         "score": StageSpec(ScoreActor, {"scorer": config.scorer}, config.stages.score),
     }

@@ -34,14 +34,24 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.io.identity import bytes_identity, digest, volume_identity
 from pipeline.io.limits import as_limits
 from pipeline.io.storage import StorageOptions, call_with_retries, is_transient
 from pipeline.io.volumes import Volume, decode_volume, load_volume
 from pipeline.metrics.scorers import ensure_wordnet, score_sample
+from pipeline.reuse import (
+    REUSE_MISS,
+    MiB,
+    ReuseCache,
+    ReuseMiss,
+    recipe_identity,
+    volume_key,
+)
 from pruning.methods import PruningConfig, SlicePlan
 from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.engines import EngineCapabilities, EngineOutput, StreamingEngine
 from pruning.runtime.recipe import load_recipe
+from pruning.runtime.sequence import PrunedVolume
 from pruning.runtime.vlm import MODEL_TIMING_KEYS, Generation, Prepared, load_vlm
 
 Batch = dict[str, np.ndarray]
@@ -95,6 +105,14 @@ def _object_array(items: list[Any]) -> np.ndarray:
     return out
 
 
+def _same_plan(a: SlicePlan, b: SlicePlan) -> bool:
+    """True when two slice plans encode the same slices the same way."""
+    masks = (a.iaf_kept is None and b.iaf_kept is None) or (
+        a.iaf_kept is not None and b.iaf_kept is not None
+        and np.array_equal(a.iaf_kept, b.iaf_kept))
+    return a.total == b.total and np.array_equal(a.encode, b.encode) and masks
+
+
 def _str(value: Any) -> str:
     return "" if value is None else (value.decode() if isinstance(value, bytes) else str(value))
 
@@ -123,6 +141,12 @@ class LoadStage:
         volume_check: called with each decoded volume before windowing and resizing spend
             time on it; what it raises becomes the row's error (Serve refuses shapes over its
             limits here).
+        reuse: key each row by its volume's content identity, method and recipe (column
+            ``volume_key``, see :mod:`pipeline.reuse`), load a (volume, method) once per batch,
+            and give the model stage the key. Rows whose plan and slices came from an earlier
+            row have ``load_reused`` set and record no load or slice-rule time.
+        reuse_cache_mb: bound of this stage's cache of (plan, kept slices) across batches (0:
+            within a batch only).
     """
 
     required_columns = ("id", "volume_uri", "volume_format", "pruning")
@@ -139,6 +163,8 @@ class LoadStage:
         transient_retries: int = 3,
         retry_backoff_s: float = 1.0,
         volume_check: Callable[[Volume], None] | None = None,
+        reuse: bool = False,
+        reuse_cache_mb: float = 0.0,
     ) -> None:
         self.limits = as_limits(limits)
         self.transient_retries, self.retry_backoff_s = transient_retries, retry_backoff_s
@@ -146,6 +172,9 @@ class LoadStage:
         self.storage = StorageOptions.model_validate(storage) if isinstance(storage, dict) else storage
         self.max_volume_bytes = max_volume_bytes
         self.volume_check = volume_check
+        self.reuse = reuse
+        self.cache = ReuseCache(int(reuse_cache_mb * MiB) if reuse else 0)
+        self.recipe_id = recipe_identity(self.recipe)
 
     def _volume(self, batch: Batch, i: int) -> Volume:
         fmt = _str(batch["volume_format"][i]) or None
@@ -173,6 +202,45 @@ class LoadStage:
         kept = np.ascontiguousarray(slices[plan.encode])  # (n, h, w, 3) uint8
         return kept, plan, t1 - t0, time.perf_counter() - t1
 
+    def identity(self, batch: Batch, i: int) -> str:
+        """Row ``i``'s volume content identity (:mod:`pipeline.io.identity`): the row's own
+        ``volume_id`` for inline bytes when given (Serve's ingress hashed them), else the
+        bytes' sha256, else the stored object's version; ``""`` without one."""
+        inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
+        if inline is not None and len(inline) > 0:
+            given = _str(batch["volume_id"][i]) if "volume_id" in batch else ""
+            return given or bytes_identity(bytes(inline))
+        return volume_identity(_str(batch["volume_uri"][i]), self.storage) or ""
+
+    def _key(self, batch: Batch, i: int, identities: dict[str, str]) -> str:
+        """Row ``i``'s ``volume_key`` (``""``: no reuse); URIs are looked up once per batch."""
+        text = _str(batch["pruning"][i])
+        if not self.reuse or pruning_config(text).question_aware:
+            return ""
+        uri = _str(batch["volume_uri"][i])
+        if "volume_bytes" in batch and batch["volume_bytes"][i] is not None \
+                and len(batch["volume_bytes"][i]) > 0:
+            identity = self.identity(batch, i)
+        elif uri not in identities:
+            identity = identities[uri] = self.identity(batch, i)
+        else:
+            identity = identities[uri]
+        return volume_key(identity, text, self.recipe_id)
+
+    def _keep(self, batch: Batch, i: int, key: str, identities: dict[str, str],
+              loaded: tuple[np.ndarray, dict[str, Any]]) -> str:
+        """Remember a freshly loaded row under ``key``, unless its object changed while it
+        was read (then ``""``: the row is not reused, nor given a key)."""
+        if not key:
+            return ""
+        uri = _str(batch["volume_uri"][i])
+        if uri in identities:  # a stored object: the same version before and after the read
+            if self.identity(batch, i) != identities[uri]:
+                identities[uri] = ""
+                return ""
+        self.cache.put(key, loaded, int(loaded[0].nbytes))
+        return key
+
     def __call__(self, batch: Batch) -> Batch:
         n = check_columns(batch, self.required_columns, "LoadStage")
         errors = _incoming_errors(batch, n)
@@ -181,8 +249,21 @@ class LoadStage:
         slices = [np.zeros((0, 0, 0, 3), dtype=np.uint8)] * n
         plans = [SlicePlan.empty()] * n
         t_load, t_iaf = np.full(n, np.nan), np.full(n, np.nan)
+        keys, reused = [""] * n, np.zeros(n, dtype=bool)
+        identities: dict[str, str] = {}  # this batch's stored volumes, looked up once
+        seen: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}  # this batch's loads by key
         for i in range(n):
             if errors[i]:
+                continue
+            try:
+                keys[i] = self._key(batch, i, identities)
+            except Exception as exc:  # a bad pruning config: the model stage says so too
+                errors[i], kinds[i] = f"load: {_describe(exc)}", "permanent"
+                continue
+            found = seen.get(keys[i]) or (self.cache.get(keys[i]) if keys[i] else None)
+            if keys[i] and found is not None:
+                (slices[i], plans[i]), reused[i] = found, True
+                t_load[i] = t_iaf[i] = 0.0
                 continue
             try:
                 slices[i], plan, t_load[i], t_iaf[i] = self._load_row(batch, i)
@@ -191,10 +272,14 @@ class LoadStage:
                 kinds[i] = "transient" if is_transient(exc) else "permanent"
                 continue
             plans[i] = plan.to_dict()
-        out = {k: v for k, v in batch.items() if k != "volume_bytes"}
+            keys[i] = self._keep(batch, i, keys[i], identities, (slices[i], plans[i]))
+            if keys[i]:
+                seen[keys[i]] = (slices[i], plans[i])
+        out = {k: v for k, v in batch.items() if k not in ("volume_bytes", "volume_id")}
         out.update(slices=_object_array(slices), plan=_object_array(plans), t_load_s=t_load,
                    t_iaf_s=t_iaf, error=np.asarray(errors, dtype=object),
-                   error_kind=np.asarray(kinds, dtype=object))
+                   error_kind=np.asarray(kinds, dtype=object),
+                   volume_key=np.asarray(keys, dtype=object), load_reused=reused)
         return out
 
 
@@ -211,6 +296,12 @@ class InferStage:
     A server drives it through :meth:`__call__` (gathered rows), or, when the engine streams,
     :meth:`prepare_one` / :meth:`stream` / :meth:`finish_one`; :attr:`capabilities` says
     which, and :meth:`bind_event_loop` gives an event-loop engine its loop.
+
+    With ``reuse``, rows carrying a ``volume_key`` (the load stage's) share their volume's
+    pruned tokens (:mod:`pipeline.reuse`): computed once per batch, kept in a cache of
+    ``reuse_cache_mb`` across batches, and a reused row records no vision or selection time
+    (column ``vision_reused``). A row whose ``slices`` are None asks for its key alone: it is
+    answered from the cache or fails with ``error_kind`` ``reuse_miss`` (Serve then loads it).
     """
 
     required_columns = ("id", "prompt", "pruning", "slices", "plan")
@@ -228,18 +319,28 @@ class InferStage:
         engine: str = "auto",
         engine_options: dict[str, Any] | None = None,
         serving: bool = False,
+        reuse: bool = False,
+        reuse_cache_mb: float = 0.0,
     ) -> None:
         self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
                             slice_size=slice_size, engine=engine, engine_options=engine_options,
                             serving=serving)
         self.max_new_tokens = max_new_tokens
         self.keep_slices = keep_slices
+        self.reuse = reuse
+        self.cache = ReuseCache(int(reuse_cache_mb * MiB) if reuse else 0)
+        self.volumes_encoded = 0  # volumes through the vision half so far
 
     # ------------------------------------------------------------------ what a server reads
     @property
     def capabilities(self) -> EngineCapabilities:
         """What the engine can do (stream, batch continuously, gather the vision half)."""
         return self.vlm.engine.capabilities
+
+    def reuse_stats(self) -> dict[str, int]:
+        """The pruned-volume cache's counters (:meth:`ReuseCache.stats`) and how many volumes
+        went through the vision half."""
+        return {**self.cache.stats(), "volumes_encoded": self.volumes_encoded}
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model: family, device, engine, its capabilities and the
@@ -262,23 +363,78 @@ class InferStage:
         """Row ``i``'s slice plan (its ``plan`` column)."""
         return SlicePlan.from_dict(batch["plan"][i])
 
+    def _vision_key(self, batch: Batch, i: int, config: PruningConfig) -> str:
+        """Row ``i``'s key in the pruned-volume cache (``""``: not reused)."""
+        if not self.reuse or config.question_aware or "volume_key" not in batch:
+            return ""
+        key = _str(batch["volume_key"][i])
+        return digest("pruned", key, self.vlm.name) if key else ""
+
+    def _holds(self, batch: Batch, i: int, config: PruningConfig) -> bool:
+        """False for a row that names its volume by key alone (no slices) when the cache has
+        no such volume."""
+        if batch["slices"][i] is not None:
+            return True
+        key = self._vision_key(batch, i, config)
+        return bool(key) and key in self.cache
+
+    def _pruned(self, batch: Batch, rows: list[int], config: PruningConfig
+                ) -> tuple[list[PrunedVolume], list[bool]]:
+        """Each row's pruned volume (from an earlier row of the batch, the cache, or one
+        vision-half call for all the others) and whether it was reused.
+
+        Raises:
+            ReuseMiss: a row without slices whose key the cache no longer holds.
+        """
+        keys = [self._vision_key(batch, i, config) for i in rows]
+        found: dict[str, PrunedVolume] = {}
+        reused, todo, owner = [False] * len(rows), [], set()
+        for pos, (i, key) in enumerate(zip(rows, keys, strict=True)):
+            if key in owner:  # an earlier row of this batch has (or computes) it
+                reused[pos] = True
+                continue
+            cached = self.cache.get(key) if key else None
+            if cached is not None and (batch["slices"][i] is None
+                                       or _same_plan(cached.plan, self.plan(batch, i))):
+                found[key], reused[pos] = cached, True
+            elif batch["slices"][i] is None:
+                raise ReuseMiss("no pruned volume is held for this row's key")
+            else:
+                todo.append(pos)
+            if key:
+                owner.add(key)
+        if todo:
+            computed = self.vlm.prune_batch(
+                [np.asarray(batch["slices"][rows[p]]) for p in todo], pruning=config,
+                plans=[self.plan(batch, rows[p]) for p in todo])
+            self.volumes_encoded += len(todo)
+            for pos, pruned in zip(todo, computed, strict=True):
+                found[keys[pos] or f"#{pos}"] = pruned
+                if keys[pos]:
+                    self.cache.put(keys[pos], pruned, pruned.nbytes)
+        return [found[keys[p] or f"#{p}"] for p in range(len(rows))], reused
+
+    def _prepare(self, batch: Batch, rows: list[int], config: PruningConfig) -> Prepared:
+        """The rows' pruned LM inputs under one config (their volumes reused where held)."""
+        prompts = [_str(batch["prompt"][i]) for i in rows]
+        for i, prompt in enumerate(prompts):  # before the tower spends time on the volumes
+            self.vlm.check_prompt(i, prompt)
+        pruned, reused = self._pruned(batch, rows, config)
+        return self.vlm.prepare_pruned(pruned, prompts, pruning=config, reused=reused)
+
     def _generate(self, batch: Batch, rows: list[int], config: PruningConfig,
                   max_new_tokens: int) -> list[Any]:
         """Generations (or the exception of that row) for ``rows`` under one config."""
-        volumes = [np.asarray(batch["slices"][i]) for i in rows]  # each (n, h, w, 3) uint8
-        prompts = [_str(batch["prompt"][i]) for i in rows]
-        kwargs = {"pruning": config, "max_new_tokens": max_new_tokens}
         try:
-            plans = [self.plan(batch, i) for i in rows]
-            return list(self.vlm.generate_batch(volumes, prompts, plans=plans, **kwargs))
+            prepared = self._prepare(batch, rows, config)
+            return prepared.finish(self.vlm.engine.generate(prepared.samples, max_new_tokens))
         except Exception:
             if len(rows) == 1:
                 raise
         results: list[Any] = []
-        for i, volume, prompt in zip(rows, volumes, prompts, strict=True):
+        for i in rows:  # one by one, so a single bad sample only costs its own row
             try:
-                results.append(self.vlm.generate(volume, prompt, plan=self.plan(batch, i),
-                                                 **kwargs))
+                results.extend(self._generate(batch, [i], config, max_new_tokens))
             except Exception as exc:
                 results.append(exc)
         return results
@@ -304,6 +460,9 @@ class InferStage:
             except Exception as exc:
                 results[i] = exc
                 continue
+            if not self._holds(batch, i, config):
+                results[i] = ReuseMiss("no pruned volume is held for this row's key")
+                continue
             groups.setdefault((config.model_dump_json(), self._budget(batch, i)), []).append(i)
         for (key, budget), rows in groups.items():
             try:
@@ -322,13 +481,11 @@ class InferStage:
 
         Raises:
             ValueError: a bad configuration, plan, volume or prompt.
+            ReuseMiss: the row names its volume by key alone and it is not held.
         """
         check_columns(batch, self.required_columns, "InferStage")
-        config = pruning_config(_str(batch["pruning"][0]))
-        prepared = self.vlm.prepare_batch([np.asarray(batch["slices"][0])],
-                                          [_str(batch["prompt"][0])], pruning=config,
-                                          plans=[self.plan(batch, 0)])
-        return prepared, self._budget(batch, 0)
+        return self._prepare(batch, [0], pruning_config(_str(batch["pruning"][0]))), \
+            self._budget(batch, 0)
 
     def stream(self, prepared: Prepared, budget: int) -> AsyncIterator[str]:
         """Text deltas of the answer to :meth:`prepare_one`'s sample, on the bound event loop.
@@ -352,6 +509,8 @@ class InferStage:
         ``infer:`` error row) or None (an incoming error row, passed through)."""
         n = len(results)
         errors = _incoming_errors(batch, n)
+        kinds = [_str(k) for k in batch["error_kind"]] if "error_kind" in batch else [""] * n
+        reused = np.zeros(n, dtype=bool)
         prediction = [""] * n
         kept_tokens, kept_slices = ["[]"] * n, ["[]"] * n
         counts = {c: np.zeros(n, np.int64) for c in ("slices_total", "slices_kept",
@@ -361,8 +520,9 @@ class InferStage:
         for i, gen in enumerate(results):
             if isinstance(gen, BaseException):
                 errors[i] = f"infer: {_describe(gen)}"
+                kinds[i] = REUSE_MISS if isinstance(gen, ReuseMiss) else kinds[i] or "permanent"
             elif isinstance(gen, Generation):
-                prediction[i] = gen.text
+                prediction[i], reused[i] = gen.text, gen.vision_reused
                 for column in counts:
                     counts[column][i] = getattr(gen.stats, column)
                 floats["r_rate"][i] = gen.stats.r_rate
@@ -383,7 +543,8 @@ class InferStage:
             prediction=np.asarray(prediction, dtype=object),
             kept_tokens_json=np.asarray(kept_tokens, dtype=object),
             kept_slices_json=np.asarray(kept_slices, dtype=object),
-            error=np.asarray(errors, dtype=object),
+            error=np.asarray(errors, dtype=object), error_kind=np.asarray(kinds, dtype=object),
+            vision_reused=reused,
         )
         return out
 

@@ -25,6 +25,11 @@ def _mean(values: list[Any]) -> float | None:
     return sum(clean) / len(clean) if clean else None
 
 
+def _share(rows: list[dict[str, Any]], column: str) -> float | None:
+    """The share of ``rows`` whose boolean ``column`` is true (None without rows)."""
+    return sum(1 for r in rows if r.get(column)) / len(rows) if rows else None
+
+
 def _finite(value: Any) -> Any:
     """NaN/inf -> None so the summary is valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -55,9 +60,15 @@ def summarize_results(table: pa.Table, methods: list[str], baseline: str = "orig
     """Summary of a results table, methods in the given order.
 
     Returns:
-        ``{"rows", "errors", "baseline", "datasets", "models", "methods": {name: {"n",
-        "errors", "pruning", "closed"/"open"/"report": metrics, "quality_pct",
-        "r_rate_mean", "r_rate_pooled", ... rates, "timings": {t_*: mean seconds}}}}``.
+        ``{"rows", "errors", "baseline", "datasets", "models", "vision_reused_share",
+        "methods": {name: {"n", "errors", "pruning", "closed"/"open"/"report": metrics,
+        "quality_pct", "r_rate_mean", "r_rate_pooled", ... rates, "timings": {t_*: mean
+        seconds}, "vision_reused_share", "load_reused_share"}}}``.
+
+        Timings are means over a method's successful rows; a row whose pruned tokens (or plan
+        and slices) were reused from an earlier row counts with its 0 s of vision and
+        selection (or load and slice-rule) time, so they are the cost per answered question,
+        and ``vision_reused_share`` says how many rows that covers.
     """
     rows = table.to_pylist()
     by_method = summarize(rows, group_by="method", baseline=baseline)
@@ -66,7 +77,9 @@ def summarize_results(table: pa.Table, methods: list[str], baseline: str = "orig
         "rows": len(rows), "errors": sum(1 for r in rows if r.get("error")),
         "baseline": baseline if base is not None else None,
         "datasets": sorted({str(r.get("dataset")) for r in rows}),
-        "models": sorted({str(r.get("model")) for r in rows}), "methods": {},
+        "models": sorted({str(r.get("model")) for r in rows}),
+        "vision_reused_share": _share([r for r in rows if not r.get("error")], "vision_reused"),
+        "methods": {},
     }
     for name in methods:
         mine = [r for r in rows if r.get("method") == name]
@@ -80,6 +93,8 @@ def summarize_results(table: pa.Table, methods: list[str], baseline: str = "orig
         entry["timings"] = {t: _mean([r.get(t) for r in ok]) for t in TIMINGS}
         entry["samples_per_s"] = (len(ok) / entry["timings"]["t_total_s"]
                                   if entry["timings"]["t_total_s"] else None)
+        entry["vision_reused_share"] = _share(ok, "vision_reused")
+        entry["load_reused_share"] = _share(ok, "load_reused")
         out["methods"][name] = _finite(entry)
     return out
 
@@ -102,7 +117,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if kind in kinds:
             header += [f"{kind} {m}" for m in ("bleu1", "bleu4", "rouge1", "rougeL", "meteor")]
     header += ["quality %", "R-Rate mean", "R-Rate pooled", "slice rate", "t_vision s",
-               "t_prefill s", "t_decode s", "t_total s"]
+               "t_prefill s", "t_decode s", "t_total s", "reused %"]
     lines = [
         f"# Evaluation summary\n\ndatasets: {', '.join(summary['datasets'])}; "
         f"models: {', '.join(summary['models'])}; rows: {summary['rows']}; "
@@ -120,5 +135,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cells += [_fmt(m.get("quality_pct"), 1), _fmt(m.get("r_rate_mean"), 3),
                   _fmt(m.get("r_rate_pooled"), 3), _fmt(m.get("slice_rate_mean"), 3)]
         cells += [_fmt(timings.get(t), 3) for t in ("t_vision_s", "t_prefill_s", "t_decode_s", "t_total_s")]
+        share = m.get("vision_reused_share")
+        cells.append(_fmt(None if share is None else 100.0 * share, 1))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
