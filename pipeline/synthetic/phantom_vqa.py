@@ -6,6 +6,7 @@ own slice ranges, runs of identical anatomy, 0-3 small disc lesions in one organ
 Questions: ``presence`` (yes/no), ``organ`` (liver/spleen/kidney, volumes with lesions only) and
 ``count`` (0-3), each as a closed item (lettered options) or an open item (one word).
 Everything is deterministic by seed; the splits use disjoint seed ranges (:data:`SPLITS`).
+A benchmark may ask several questions about each volume (``questions_per_volume``, 1-6).
 The training curriculum enlarges and brightens lesions via ``radius_boost`` / ``contrast_boost``.
 """
 
@@ -128,11 +129,52 @@ def lesion_token_positions(mask: np.ndarray, grid: tuple[int, int]) -> dict[int,
     return {int(z): np.flatnonzero(blocks[z]).tolist() for z in lesion_slices(mask)}
 
 
+# Every (question type, task) a volume can be asked about, in the order extra questions are
+# added after a volume's own one (``questions_per_volume``).
+QUESTION_FORMS: tuple[tuple[str, str], ...] = tuple(
+    (qtype, task) for task in ("closed", "open") for qtype in QUESTION_TYPES)
+
+
+def volume_questions(example: PhantomExample, count: int) -> list[tuple[str, str]]:
+    """The (question type, task) pairs asked about ``example``'s volume: its own question
+    first, then the other forms of :data:`QUESTION_FORMS` in order, at most ``count`` (organ
+    questions only about volumes with lesions, so a lesion-free volume has at most 4).
+
+    Raises:
+        ValueError: ``count`` outside 1-6.
+    """
+    if not 1 <= count <= len(QUESTION_FORMS):
+        raise ValueError(f"questions per volume must be 1-{len(QUESTION_FORMS)}, got {count}")
+    own = (example.qtype, example.task)
+    others = [form for form in QUESTION_FORMS if form != own
+              and (form[0] != "organ" or example.phantom.count)]
+    return [own, *others][:count]
+
+
+def _record(rid: str, volume: str, ex: PhantomExample, qtype: str, task: str, seed: int,
+            token_grid: tuple[int, int]) -> dict:
+    """One canonical record about ``ex``'s volume (stored at ``volume``)."""
+    question, choices, answer = question_for(ex.phantom, qtype, task)
+    tokens = lesion_token_positions(ex.phantom.lesion_mask, token_grid)
+    return {
+        "id": rid, "dataset": DATASET_NAME, "volume_uri": volume, "volume_format": "npy",
+        "question": question, "task": task, "choices": choices, "answer": answer,
+        "category": qtype,
+        "extra": {"seed": seed, "organ": ex.phantom.organ, "count": ex.phantom.count,
+                  "lesion_slices": lesion_slices(ex.phantom.lesion_mask).tolist(),
+                  "lesion_tokens": {str(k): v for k, v in tokens.items()},
+                  "token_grid": list(token_grid)},
+    }
+
+
 def write_benchmark(
     out: str | Path, *, n: int, split: str = "test", offset: int = 0, open_fraction: float = 0.0,
     spec: PhantomSpec | None = None, token_grid: tuple[int, int] = (4, 4),
+    questions_per_volume: int = 1,
 ) -> Path:
-    """Write ``n`` items as canonical records (``records.jsonl``) + ``volumes/<id>.npy`` (uint8).
+    """Write ``n`` volumes as canonical records (``records.jsonl``) + ``volumes/<id>.npy``
+    (uint8), with ``questions_per_volume`` questions each (:func:`volume_questions`; the
+    first keeps the volume's id, the others get ``-q<j>``), a volume's records together.
 
     ``extra`` holds the question type, lesion organ/count, lesion slices and lesion token
     positions at ``token_grid``. Items with ``seed % 100 < 100 * open_fraction`` are open.
@@ -146,16 +188,9 @@ def write_benchmark(
             task = "open" if seed % 100 < 100 * open_fraction else "closed"
             ex = make_example(seed, task=task, spec=spec)
             rid = f"phantom-{split}-{seed}"
-            vol_path = out / "volumes" / f"{rid}.npy"
-            np.save(vol_path, ex.phantom.volume)
-            tokens = lesion_token_positions(ex.phantom.lesion_mask, token_grid)
-            fh.write(json.dumps({
-                "id": rid, "dataset": DATASET_NAME, "volume_uri": f"volumes/{rid}.npy",
-                "volume_format": "npy", "question": ex.question, "task": task,
-                "choices": ex.choices, "answer": ex.answer, "category": ex.qtype,
-                "extra": {"seed": seed, "organ": ex.phantom.organ, "count": ex.phantom.count,
-                          "lesion_slices": lesion_slices(ex.phantom.lesion_mask).tolist(),
-                          "lesion_tokens": {str(k): v for k, v in tokens.items()},
-                          "token_grid": list(token_grid)},
-            }) + "\n")
+            np.save(out / "volumes" / f"{rid}.npy", ex.phantom.volume)
+            for j, (qtype, form) in enumerate(volume_questions(ex, questions_per_volume)):
+                record = _record(rid if j == 0 else f"{rid}-q{j}", f"volumes/{rid}.npy", ex,
+                                 qtype, form, seed, token_grid)
+                fh.write(json.dumps(record) + "\n")
     return path
