@@ -287,12 +287,13 @@ def analysis_body(cfg: ServeAppConfig, job: AnalysisJob, result: AnalysisResult,
     """The /v1/analyze response body from a backend result."""
     row = result.row
     timings = {k: float(v) for k, v in row.items()
-               if k.startswith("t_") and k.endswith("_s") and v == v}  # drop NaN
+               if k.startswith("t_") and k.endswith("_s") and v is not None and v == v}  # no NaN
     timings["t_request_s"] = time.perf_counter() - t_start
     stats = AnalyzeStats(
         slices_total=int(row["slices_total"]), slices_kept=int(row["slices_kept"]),
         tokens_total=int(row["tokens_total"]), tokens_kept=int(row["tokens_kept"]),
-        r_rate=float(row["r_rate"]), kept_slices=json.loads(row["kept_slices_json"]))
+        r_rate=float(row["r_rate"]), kept_slices=json.loads(row["kept_slices_json"]),
+        vision_reused=bool(row.get("vision_reused", False)))
     body = AnalyzeResponse(
         id=job.id, model=cfg.model_name, answer=str(row["prediction"]), task=task,
         pruning=job.pruning.model_dump(mode="json"), engine=row.get("engine"), stats=stats,

@@ -29,6 +29,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.io.identity import bytes_identity, volume_identity
+from pipeline.reuse import REUSE_MISS, volume_key
 from pruning.methods import SlicePlan
 from serve.api import AnalysisJob, AnalysisResult, create_app
 from serve.config import DeploymentOptions, ServeAppConfig, parse_app_args
@@ -46,10 +48,11 @@ logger = logging.getLogger("medpruner.serve")
 
 
 def rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """One-dict-per-row -> a numpy batch (object columns for arrays, bytes and strings)."""
+    """One-dict-per-row -> a numpy batch (object columns for arrays, bytes and strings); a
+    column some rows lack (rows of different kinds gathered together) is None there."""
     batch: dict[str, np.ndarray] = {}
-    for key in rows[0]:
-        values = [row[key] for row in rows]
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(key) for row in rows]
         if all(isinstance(v, int | float | bool | np.number) for v in values):
             batch[key] = np.asarray(values)
         else:
@@ -153,12 +156,19 @@ class Preprocessor:
                                 slice_size=cfg.slice_size,
                                 max_volume_bytes=cfg.limits.max_volume_bytes,
                                 limits=cfg.limits.decode_limits(), transient_retries=1,
-                                retry_backoff_s=0.5, volume_check=_shape_check(cfg))
+                                retry_backoff_s=0.5, volume_check=_shape_check(cfg),
+                                reuse=cfg.reuse.enabled)
 
     def info(self) -> dict[str, Any]:
-        """Slice recipe facts the ingress needs (the recipe gives a slice's token grid)."""
+        """Slice recipe facts the ingress needs (the recipe gives a slice's token grid; its
+        identity is part of every reuse key)."""
         recipe = self._stage.recipe
-        return {"family": recipe.family, "recipe": recipe}
+        return {"family": recipe.family, "recipe": recipe, "recipe_id": self._stage.recipe_id}
+
+    async def identify(self, uri: str) -> str:
+        """The content identity (hashed) of the volume stored at ``uri``: one stat or HEAD
+        request; ``""`` when the store gives none (no ETag) or it cannot be looked up."""
+        return await asyncio.to_thread(volume_identity, uri, self._stage.storage) or ""
 
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
         data, uri = row.get("volume_bytes") or b"", row["volume_uri"]
@@ -185,7 +195,8 @@ class ModelServer:
         logging.getLogger("medpruner").setLevel(cfg.log_level)
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                  max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
-                                 slice_size=cfg.slice_size, engine=cfg.engine, serving=True)
+                                 slice_size=cfg.slice_size, engine=cfg.engine, serving=True,
+                                 reuse=cfg.reuse.enabled, reuse_cache_mb=cfg.reuse.max_mb)
         capabilities = self._stage.capabilities
         # Requests are gathered with @serve.batch windows into one stage call (its vision half
         # runs as one batch) when the engine gathers them. An engine without continuous
@@ -221,6 +232,11 @@ class ModelServer:
         requests are not counted)."""
         with self._calls_lock:
             return {str(size): n for size, n in sorted(self._calls.items())}
+
+    def reuse_stats(self) -> dict[str, int]:
+        """This replica's cache of pruned volumes: entries, bytes, bound, hits, misses,
+        evictions, and the volumes its vision half encoded."""
+        return self._stage.reuse_stats()
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the stage over ``rows`` (each with its own ``max_new_tokens``), keeping order."""
@@ -331,26 +347,70 @@ class Ingress:
                 return False
         return bool(self._model_info["capabilities"]["streams"])
 
+    @staticmethod
+    def _row(job: AnalysisJob) -> dict[str, Any]:
+        """The stage row of a job (what the preprocessing deployment loads)."""
+        return {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
+                "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
+                "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
+
+    async def _reuse_key(self, job: AnalysisJob) -> tuple[str, str]:
+        """(volume key, content identity) of the job's volume; ``("", "")`` when nothing may
+        be reused (reuse off, a question-aware method, no content identity)."""
+        if not self._cfg.reuse.enabled or job.pruning.question_aware:
+            return "", ""
+        if job.volume_bytes:
+            identity = await asyncio.to_thread(bytes_identity, job.volume_bytes)
+        else:
+            identity = await self._call(self._pre.identify, job.volume_uri)
+        if not identity:
+            return "", ""
+        if self._recipe_info is None:
+            self._recipe_info = await self._pre.info.remote()
+        text = job.pruning.model_dump_json()
+        return volume_key(identity, text, self._recipe_info["recipe_id"]), identity
+
+    @staticmethod
+    def _by_key(job: AnalysisJob, key: str) -> dict[str, Any]:
+        """A row naming its volume by key alone: a model replica holding that pruned volume
+        answers it without load, slice rule, vision or selection (0 s recorded for them)."""
+        return {"id": job.id, "prompt": job.prompt, "pruning": job.pruning.model_dump_json(),
+                "max_new_tokens": job.max_new_tokens, "volume_key": key, "slices": None,
+                "plan": None, "error": "", "error_kind": "", "t_load_s": 0.0, "t_iaf_s": 0.0}
+
+    async def _stream_from(self, row: dict[str, Any]) -> tuple[Any, Any]:
+        """(first item, the rest) of the model replica's stream for ``row``."""
+        items = self._model.options(stream=True).infer_stream.remote(row)
+        return await anext(items), items
+
     async def analyze_stream(self, job: AnalysisJob) -> AsyncIterator[Any]:
         """Answer text deltas as the engine makes them, then the final ``AnalysisResult``.
 
         Loading (and its errors, as ApiErrors) happens before the first item, so a client
-        gets an HTTP error, not a broken stream, for a bad volume.
+        gets an HTTP error, not a broken stream, for a bad volume. A volume a model replica
+        already pruned is not loaded again (see :meth:`_analyze`).
         """
         await self._check_pruning(job)
-        row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
-               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
-               "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
-        loaded = await self._retry_once(lambda: self._call(self._pre.load, row))
-        if loaded["error"]:
-            raise self._client_error(loaded, job)
-        async for item in self._model.options(stream=True).infer_stream.remote(loaded):
-            if "delta" in item:
-                yield item["delta"]
-                continue
-            if item["row"]["error"]:
-                raise self._client_error(item["row"], job)
-            yield AnalysisResult(row=item["row"])
+        row = self._row(job)
+        key, identity = await self._reuse_key(job)
+        first = None
+        if key:
+            first, items = await self._stream_from(self._by_key(job, key))
+            if "row" in first and first["row"].get("error_kind") == REUSE_MISS:
+                first = None
+        if first is None:
+            loaded = await self._retry_once(
+                lambda: self._call(self._pre.load, row | {"volume_id": identity}))
+            if loaded["error"]:
+                raise self._client_error(loaded, job)
+            first, items = await self._stream_from(loaded)
+        item = first
+        while "delta" in item:
+            yield item["delta"]
+            item = await anext(items)
+        if item["row"]["error"]:
+            raise self._client_error(item["row"], job)
+        yield AnalysisResult(row=item["row"])
 
     async def analyze(self, job: AnalysisJob) -> AnalysisResult:
         """Run the graph for one job (once more if a replica died); stage errors become
@@ -359,14 +419,24 @@ class Ingress:
         return await self._retry_once(lambda: self._analyze(job))
 
     async def _analyze(self, job: AnalysisJob) -> AnalysisResult:
-        row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
-               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
-               "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
+        """Ask a model replica for the volume by its key first (reuse on, the slices not
+        wanted): a replica that holds its pruned tokens answers; on a miss (another replica,
+        evicted, never seen) the volume is loaded and the replica that answers keeps it."""
+        row = self._row(job)
+        identity = ""
         if not job.want_slices:
+            key, identity = await self._reuse_key(job)
+            if key:
+                result = await self._call(self._model.infer, self._by_key(job, key))
+                if result.get("error_kind") != REUSE_MISS:
+                    if result["error"]:
+                        raise self._client_error(result, job)
+                    return AnalysisResult(row=result)
             # Chain the handles: the loaded row (kept slices) goes from the preprocessing
             # replica straight to the model replica, never through the ingress. A load error
             # row passes InferStage untouched and is mapped below.
-            result = await self._call(self._model.infer, self._pre.load.remote(row))
+            loading = self._pre.load.remote(row | {"volume_id": identity})
+            result = await self._call(self._model.infer, loading)
             if result["error"]:
                 raise self._client_error(result, job)
             return AnalysisResult(row=result)

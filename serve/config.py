@@ -98,6 +98,21 @@ class Limits(DecodeLimits):
         return DecodeLimits(**{name: getattr(self, name) for name in DecodeLimits.model_fields})
 
 
+class ReuseOptions(StrictModel):
+    """Reuse of a volume's pruned visual tokens across questions (see ``pipeline.reuse``).
+
+    A second question about the same volume (the same bytes, or the same URI with the same
+    ETag / size and modification time) skips load, slice rule, vision tower and selection on
+    a model replica that answered the first. Objects whose store gives no ETag are never
+    reused; keys are sha256 digests.
+    """
+
+    enabled: bool = Field(True, description="keep pruned volumes on each model replica and "
+                          "answer further questions about them from there")
+    max_mb: float = Field(256.0, ge=0, description="bound of each model replica's cache of "
+                          "pruned volumes (MiB; least recently used ones are evicted)")
+
+
 class Access(StrictModel):
     """What the service may read and who may call it."""
 
@@ -153,6 +168,7 @@ class ServeAppConfig(StrictModel):
     storage: StorageOptions | None = Field(None, description="object-store options")
     limits: Limits = Field(default_factory=Limits)
     access: Access = Field(default_factory=Access)
+    reuse: ReuseOptions = Field(default_factory=ReuseOptions)
     ingress: DeploymentOptions = Field(default_factory=_default_ingress)
     preprocess: DeploymentOptions = Field(default_factory=_default_preprocess)
     infer: InferDeploymentOptions = Field(default_factory=_default_infer)

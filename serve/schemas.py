@@ -63,6 +63,9 @@ class AnalyzeStats(BaseModel):
     tokens_kept: int
     r_rate: float = Field(..., description="kept visual tokens / all visual tokens")
     kept_slices: list[int] = Field(..., description="original numbers of the kept slices")
+    vision_reused: bool = Field(False, description="the pruned visual tokens came from an "
+                                "earlier request about the same volume (no load, slice rule, "
+                                "vision or selection time)")
 
 
 class AnalyzeResponse(BaseModel):

@@ -257,3 +257,47 @@ def test_interrupted_run_resumes_without_duplicates(ray_session: None, data: dic
     assert len(pairs) == len(set(pairs)) == 10
     again = run_evaluation(config, log=lambda _: None)  # nothing left: no new rows, same table
     assert again.new_rows == 0 and _ids_and_methods(again.results_uri) == pairs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reuse_on_and_off_give_the_same_rows_when_a_reusing_model_actor_dies(
+    ray_session: None, data: dict[str, str]
+) -> None:
+    """Three questions per phantom volume: with reuse off every row encodes its volume; with
+    reuse on (and the model actor killed on its second batch, so rows it had reused are
+    retried on a restarted actor with an empty cache) the rows are the same, none lost or
+    duplicated, and most reuse their volume's pruned tokens."""
+    phantom = {"uri": "phantom", "format": "jsonl", "synthetic_volumes": 4,
+               "questions_per_volume": 3}
+    tables = {}
+    for reuse in (False, True):
+        config = _config(data, f"reuse-{reuse}", dataset=phantom,
+                         run={"reuse_vision": reuse, "progress_interval_s": 60})
+        stages = None
+        if reuse:
+            infer = stage_specs(config)["infer"]
+            marker = Path(data["root"], "reuse-crashed.pid")
+            stages = {"infer": infer.replace(stage=crash_once_infer_stage(), kwargs={
+                **infer.kwargs, "crash_marker": str(marker)})}
+        result = run_evaluation(config, log=lambda _: None, stages=stages)
+        tables[reuse] = pq.read_table(result.results_uri).to_pylist()
+        summary = result.summary
+    assert marker.exists()  # the reusing model actor really was killed
+    pairs = [(r["id"], r["method"]) for r in tables[True]]
+    assert len(pairs) == len(set(pairs)) == 4 * 3 * 2  # every (question, method) once
+    assert all(r["error"] == "" for rows in tables.values() for r in rows)
+
+    def answers(rows: list[dict]) -> dict:
+        return {(r["id"], r["method"]): (r["prediction"], r["kept_tokens_json"],
+                                         r["kept_slices_json"], r["tokens_kept"]) for r in rows}
+
+    assert answers(tables[True]) == answers(tables[False])
+    assert not any(r["vision_reused"] or r["load_reused"] for r in tables[False])
+    reused = [r for r in tables[True] if r["vision_reused"]]
+    assert reused and all(r["t_vision_s"] == 0 and r["t_select_s"] == 0 for r in reused)
+    # each (volume, method) is encoded at least once, and rows of one volume travel together
+    assert len(tables[True]) - len(reused) >= 4 * 2
+    assert summary["vision_reused_share"] == pytest.approx(len(reused) / len(tables[True]))
+    ids = [r["id"] for r in tables[True] if r["method"] == "medpruner"]
+    assert ids[:3] == ["phantom-test-0", "phantom-test-0-q1", "phantom-test-0-q2"]

@@ -41,6 +41,11 @@ def _post(served: Served, path: str, **kwargs) -> httpx.Response:
     return httpx.post(served.url + path, headers=headers, timeout=60, **kwargs)
 
 
+def _counts(stats: dict) -> dict:
+    """An answer's pruning stats without ``vision_reused`` (which says where they came from)."""
+    return {k: v for k, v in stats.items() if k != "vision_reused"}
+
+
 def _healthy(served: Served) -> None:
     r = _post(served, "/v1/analyze", json=_inline())
     assert r.status_code == 200, r.text
@@ -64,12 +69,13 @@ def test_analyze_by_uri_inline_and_upload(served):
     assert body["pruning"]["method"] == "medpruner" and body["timings"]["t_request_s"] > 0
     inline = _post(served, "/v1/analyze", json=_inline())
     assert inline.json()["answer"] == body["answer"]
-    assert inline.json()["stats"] == body["stats"]
+    assert _counts(inline.json()["stats"]) == _counts(body["stats"])
     files = {"volume": ("ct.npy", npy_bytes(phantom_volume()), "application/octet-stream")}
     form = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in QUESTION.items()}
     upload = _post(served, "/v1/analyze", files=files, data=form)
     assert upload.status_code == 200, upload.text
-    assert upload.json()["stats"] == body["stats"]
+    assert _counts(upload.json()["stats"]) == _counts(body["stats"])
+    assert upload.json()["stats"]["vision_reused"]  # the inline request's bytes, pruned once
     keep_all = _post(served, "/v1/analyze", json=_inline(pruning={"method": "original"}))
     stats = keep_all.json()["stats"]
     assert stats["tokens_kept"] == stats["tokens_total"] and stats["slices_kept"] == 12
@@ -256,3 +262,78 @@ def test_concurrent_requests_are_gathered_into_stage_calls(served):
     assert sum(size * n for size, n in calls.items()) == len(rows)
     assert 1 < max(calls) <= served.args["infer"]["resources"]["batch_size"], calls
 
+
+
+def _fortran_npy(array: np.ndarray) -> str:
+    """The same voxels as ``npy_bytes(array)`` in other bytes (Fortran order): a cold volume."""
+    return base64.b64encode(npy_bytes(np.asfortranarray(array))).decode()
+
+
+def _chat(served: Served, volume: dict, stream: bool) -> dict:
+    body = {"model": Path(served.model_dir).name, "max_tokens": 6, "stream": stream,
+            "messages": [{"role": "user", "content": [
+                {"type": "input_volume", "volume": volume},
+                {"type": "text", "text": "How many lesions are there?"}]}]}
+    r = _post(served, "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()["medpruner"]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    assert all("error" not in c for c in chunks), chunks
+    return chunks[-1]["medpruner"]
+
+
+def test_a_second_question_reuses_the_volume_and_answers_as_a_cold_server(served):
+    from ray import serve
+
+    from serve.app import build_app
+
+    volume = phantom_volume(seed=11)
+    again = {"question": "Which organ holds the largest lesion?", "return_kept_tokens": True}
+    first = _post(served, "/v1/analyze", json=_inline(volume))
+    second = _post(served, "/v1/analyze", json=_inline(volume, **again))
+    cold_body = _inline(volume, **again) | {"volume": {"data": _fortran_npy(volume),
+                                                       "format": "npy"}}
+    cold = _post(served, "/v1/analyze", json=cold_body)
+    assert [r.status_code for r in (first, second, cold)] == [200] * 3
+    assert [r.json()["stats"]["vision_reused"] for r in (first, second, cold)] == [
+        False, True, False]
+    assert second.json()["answer"] == cold.json()["answer"]
+    assert second.json()["kept_tokens"] == cold.json()["kept_tokens"]
+    assert _counts(second.json()["stats"]) == _counts(cold.json()["stats"])
+    timings = second.json()["timings"]
+    assert timings["t_vision_s"] == timings["t_load_s"] == timings["t_select_s"] == 0
+    data = {"data": base64.b64encode(npy_bytes(volume)).decode(), "format": "npy"}
+    plain, streamed = _chat(served, data, stream=False), _chat(served, data, stream=True)
+    assert plain["stats"]["vision_reused"] and streamed["stats"]["vision_reused"]
+    assert _counts(plain["stats"]) == _counts(second.json()["stats"])
+    # A server with reuse off answers the same, and never reuses.
+    off = served.args | {"reuse": {"enabled": False}}
+    serve.run(build_app(off), name="no-reuse", route_prefix="/no-reuse")
+    try:
+        for _ in range(2):
+            r = httpx.post(served.url + "/no-reuse/v1/analyze", headers=served.auth, timeout=120,
+                           json=_inline(volume, **again))
+            assert r.status_code == 200, r.text
+            assert not r.json()["stats"]["vision_reused"]
+            assert (r.json()["answer"], r.json()["kept_tokens"]) == (
+                second.json()["answer"], second.json()["kept_tokens"])
+    finally:
+        serve.delete("no-reuse")
+
+
+def test_an_edited_volume_file_is_not_reused(served):
+    import os
+
+    path = served.root / "edited.npy"
+    np.save(path, phantom_volume(seed=12))
+    body = {"volume": {"uri": "edited.npy"}} | QUESTION
+    first, second = (_post(served, "/v1/analyze", json=body).json() for _ in range(2))
+    assert (first["stats"]["vision_reused"], second["stats"]["vision_reused"]) == (False, True)
+    mtime = path.stat().st_mtime_ns
+    np.save(path, phantom_volume(depth=10, seed=13))  # same URI, new bytes
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # even on a coarse clock
+    edited = _post(served, "/v1/analyze", json=body).json()
+    assert not edited["stats"]["vision_reused"] and edited["stats"]["slices_total"] == 10
+    assert _post(served, "/v1/analyze", json=body).json()["stats"]["vision_reused"]
