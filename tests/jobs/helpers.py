@@ -33,7 +33,8 @@ def start_local_ray(num_cpus: int = 4) -> None:
     os.environ.update(ray_env())
     import ray
 
-    ray.init(num_cpus=num_cpus, num_gpus=0, object_store_memory=300 * 1024**2,
+    # address="local": always a new instance, never another session's running cluster
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=0, object_store_memory=300 * 1024**2,
              include_dashboard=False, log_to_driver=False)
     configure_ray_data()
 

@@ -1,9 +1,11 @@
 """The vllm engine through the evaluation job (Ray Data) and through Ray Serve over real HTTP.
 
-- Job: the demo config on a few held-out phantom questions with ``model.engine=vllm``: every
-  row present, each prediction equal to the ``hf`` run's.
+- Job: the demo config on a few held-out phantom volumes, two questions each, with
+  ``model.engine=vllm`` with and without reuse of the pruned volumes: every row present,
+  each prediction and kept token equal to the ``hf`` run's.
 - Serve: the phantom model with ``engine=vllm``: 16 concurrent ``/v1/analyze`` requests all
-  answered, each equal to its sequential answer; one streaming chat completion.
+  answered, each equal to its sequential answer; one streaming chat completion; a second
+  question about a volume (plain and streamed) reused and equal to a cold computation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import json
 
 import httpx
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -34,18 +37,21 @@ def test_job_with_vllm_equals_hf(tmp_path) -> None:
     start_local_ray()
     try:
         results = {}
-        for engine in ("hf", "vllm"):
+        for engine, reuse in (("hf", True), ("vllm", True), ("vllm", False)):
             config = load_config(REPO / "jobs/configs/demo.yaml", [
-                f"output={tmp_path / engine}", f"cache_dir={tmp_path / 'cache'}",
-                "dataset.synthetic_volumes=12", METHODS, f"model.engine={engine}",
+                f"output={tmp_path / f'{engine}-{reuse}'}", f"cache_dir={tmp_path / 'cache'}",
+                "dataset.synthetic_volumes=6", "dataset.questions_per_volume=2", METHODS,
+                f"model.engine={engine}", f"run.reuse_vision={str(reuse).lower()}",
                 "stages.infer.batch_size=16", "run.progress_interval_s=60"])
             result = run_evaluation(config, log=lambda _: None)
             table = pq.read_table(result.results_uri).to_pylist()
-            assert len(table) == 12 * 4 and all(r["error"] == "" for r in table)
+            assert len(table) == 6 * 2 * 4 and all(r["error"] == "" for r in table)
             assert {r["engine"] for r in table} == {engine}
-            results[engine] = {(r["id"], r["method"]): (r["prediction"], r["kept_tokens_json"])
-                               for r in table}
-        assert results["vllm"] == results["hf"]
+            reused = sum(bool(r["vision_reused"]) for r in table)
+            assert reused == (6 * 4 if reuse else 0)  # the second question of each volume
+            results[(engine, reuse)] = {(r["id"], r["method"]): (
+                r["prediction"], r["kept_tokens_json"]) for r in table}
+        assert results[("vllm", True)] == results[("hf", True)] == results[("vllm", False)]
     finally:
         ray.shutdown()
 
@@ -78,10 +84,14 @@ def served_vllm(tmp_path_factory):
         ray.shutdown()
 
 
-def _body(seed: int) -> dict:
-    data = base64.b64encode(npy_bytes(phantom_volume(depth=8, side=64, seed=seed))).decode()
+def _volume_body(volume: np.ndarray) -> dict:
+    data = base64.b64encode(npy_bytes(volume)).decode()
     return {"volume": {"data": data, "format": "npy"}, "task": "closed",
             "question": "Is there a lesion in this CT volume?", "choices": {"A": "yes", "B": "no"}}
+
+
+def _body(seed: int) -> dict:
+    return _volume_body(phantom_volume(depth=8, side=64, seed=seed))
 
 
 def test_concurrent_requests_equal_sequential(served_vllm) -> None:
@@ -101,7 +111,9 @@ def test_concurrent_requests_equal_sequential(served_vllm) -> None:
 
     concurrent = asyncio.run(burst())
     assert [r.status_code for r in concurrent] == [200] * 16
-    assert [(r.json()["answer"], r.json()["stats"]) for r in concurrent] == sequential
+    assert [(r.json()["answer"], _counts(r.json()["stats"])) for r in concurrent] == [
+        (answer, _counts(stats)) for answer, stats in sequential]
+    assert all(r.json()["stats"]["vision_reused"] for r in concurrent)  # pruned sequentially
 
 
 def test_streaming_chat_completion(served_vllm) -> None:
@@ -123,7 +135,53 @@ def test_streaming_chat_completion(served_vllm) -> None:
     plain = httpx.post(served_vllm + "/v1/chat/completions", json=body | {"stream": False},
                        timeout=300).json()
     assert text == plain["choices"][0]["message"]["content"]
-    assert chunks[-1]["medpruner"]["stats"] == plain["medpruner"]["stats"]
+    assert _counts(chunks[-1]["medpruner"]["stats"]) == _counts(plain["medpruner"]["stats"])
+    assert plain["medpruner"]["stats"]["vision_reused"]  # the streamed request pruned it
+
+
+def _counts(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "vision_reused"}
+
+
+def _stream_text(url: str, body: dict) -> tuple[str, dict]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    assert all("error" not in e for e in events), events
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    return text, events[-1]["medpruner"]
+
+
+def test_a_second_question_is_reused_and_equals_a_cold_answer(served_vllm) -> None:
+    volume = phantom_volume(depth=8, side=64, seed=40)
+    second = {"question": "How many lesions are there?", "task": "open", "max_new_tokens": 4,
+              "return_kept_tokens": True}
+    first = httpx.post(served_vllm + "/v1/analyze", json=_volume_body(volume), timeout=300)
+    again = httpx.post(served_vllm + "/v1/analyze", json=_volume_body(volume) | second,
+                       timeout=300)
+    cold_volume = {"data": base64.b64encode(npy_bytes(np.asfortranarray(volume))).decode(),
+                   "format": "npy"}  # the same voxels in other bytes: computed afresh
+    cold = httpx.post(served_vllm + "/v1/analyze",
+                      json=_volume_body(volume) | second | {"volume": cold_volume}, timeout=300)
+    assert [r.status_code for r in (first, again, cold)] == [200] * 3
+    assert [r.json()["stats"]["vision_reused"] for r in (first, again, cold)] == [
+        False, True, False]
+    assert (again.json()["answer"], again.json()["kept_tokens"]) == (
+        cold.json()["answer"], cold.json()["kept_tokens"])
+    assert again.json()["timings"]["t_vision_s"] == 0
+    chat = {"model": "medpruner-phantom", "stream": True, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [
+            {"type": "input_volume", "volume": _volume_body(volume)["volume"]},
+            {"type": "text", "text": "Which organ contains the lesion?"}]}]}
+    text, details = _stream_text(served_vllm, chat)  # a third question, streamed: reused
+    assert details["stats"]["vision_reused"]
+    other_bytes = {"data": base64.b64encode(npy_bytes(volume.astype(">i2"))).decode(),
+                   "format": "npy"}  # big-endian: a third encoding, never seen
+    chat["messages"][0]["content"][0]["volume"] = other_bytes
+    cold_text, cold_details = _stream_text(served_vllm, chat)
+    assert not cold_details["stats"]["vision_reused"]
+    assert text == cold_text and _counts(details["stats"]) == _counts(cold_details["stats"])
 
 
 def test_gathered_vision_batches_share_the_engine(served_vllm) -> None:
