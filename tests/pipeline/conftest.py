@@ -22,6 +22,16 @@ _UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution", "M
 
 
 @pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A cache folder holding the tiny Qwen2.5-VL of the stage tests, built once."""
+    from pipeline.stages import resolve_model
+
+    root = tmp_path_factory.mktemp("cache")
+    resolve_model("tiny:qwen2_5_vl", str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     """A SeaweedFS S3 server on 127.0.0.1 with one bucket and key auth, for the session."""
     if weed_binary() is None:

@@ -13,7 +13,7 @@ import pytest
 from pipeline.io.identity import bytes_identity, volume_identity
 from pipeline.io.storage import write_bytes
 from pipeline.reuse import REUSE_MISS, ReuseCache, volume_key
-from pipeline.stages import InferStage, LoadStage, resolve_model
+from pipeline.stages import InferStage, LoadStage
 from pipeline.synthetic.ct import make_phantom
 from pipeline.synthetic.phantom_vqa import QUESTION_FORMS, make_example, volume_questions
 from pruning import PruningConfig
@@ -89,13 +89,6 @@ def test_phantom_volumes_get_their_own_question_first_then_the_other_forms() -> 
 
 
 # ---------------------------------------------------------------- stages, called directly
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("cache")
-    resolve_model(MODEL, str(root))
-    return str(root)
-
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:

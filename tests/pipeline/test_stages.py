@@ -22,13 +22,6 @@ PROMPT = "Which organ holds the lesion?\nA. liver\nB. spleen\nAnswer with the op
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("cache")
-    resolve_model(MODEL, str(root))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("volumes")
     paths = {}
