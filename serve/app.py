@@ -5,7 +5,9 @@
 - ``ModelServer`` holds a ``pipeline.stages.InferStage`` (one model per replica) and gathers
   concurrent requests with ``serve.batch`` (size = ``infer.resources.batch_size``); with the
   ``vllm`` engine several gathered calls share vLLM's continuously batching async engine.
-- ``Ingress`` serves the FastAPI app of ``serve.api`` and drives the two handles.
+- ``Ingress`` serves the FastAPI app of ``serve.api`` and drives the two handles; with
+  ``reuse.enabled`` it asks a model replica for a volume's pruned tokens by key first, and
+  loads the volume only when that replica does not hold them (``pipeline.reuse``).
 
 Replica resources, counts and autoscaling come from the same ``StageResources`` spec as the
 evaluation job. Run with ``serve run serve.app:app`` (defaults: the committed phantom model) or

@@ -205,3 +205,29 @@ def test_a_row_named_by_key_alone_is_answered_or_missed(cache: str, volumes: lis
     assert (hit["prediction"], hit["kept_tokens_json"]) == (full["prediction"],
                                                             full["kept_tokens_json"])
     assert miss["error_kind"] == REUSE_MISS and miss["error"].startswith("infer: ReuseMiss")
+
+
+def test_the_switches_are_typed_config() -> None:
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.graph import stage_specs
+    from serve.config import parse_app_args
+
+    base = {"output": "/tmp/x", "dataset": {"uri": "phantom", "format": "jsonl"},
+            "model": MODEL, "methods": ["medpruner"]}
+    config = parse_config(base | {"run": {"reuse_vision": False, "reuse_cache_mb": 8}})
+    specs = stage_specs(config)
+    for name in ("load", "infer"):
+        assert specs[name].kwargs["reuse"] is False and specs[name].kwargs["reuse_cache_mb"] == 8
+    assert parse_config(base).run.reuse_vision  # on by default
+    with pytest.raises(ConfigError, match="questions_per_volume"):
+        parse_config(base | {"dataset": {"uri": "phantom", "format": "jsonl",
+                                         "questions_per_volume": 7}})
+    with pytest.raises(ConfigError, match="questions_per_volume applies to uri 'phantom'"):
+        parse_config(base | {"dataset": {"uri": "synthetic", "format": "jsonl",
+                                         "questions_per_volume": 2}})
+    with pytest.raises(ConfigError, match="reuse_cache_mb"):
+        parse_config(base | {"run": {"reuse_cache_mb": -1}})
+    served = parse_app_args({"reuse.enabled": "false", "reuse.max_mb": "32"})
+    assert (served.reuse.enabled, served.reuse.max_mb) == (False, 32.0)
+    with pytest.raises(ConfigError, match="reuse"):
+        parse_app_args({"reuse.size": "1"})

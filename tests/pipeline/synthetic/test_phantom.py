@@ -121,6 +121,32 @@ def test_written_benchmark_reads_back(tmp_path):
     assert records[0].extra["lesion_slices"] == lesion_slices(first.phantom.lesion_mask).tolist()
 
 
+def test_one_question_per_volume_is_the_demo_dataset_and_more_ask_about_the_same_file(tmp_path):
+    """questions_per_volume=1 (the default) writes the demo's 48 items exactly as
+    make_example defines them, one per volume; 4 ask about each volume file four times."""
+    import json
+
+    one = write_benchmark(tmp_path / "one", n=48)
+    items = [json.loads(line) for line in one.read_text().splitlines()]
+    expected = [make_example(seed) for seed in range(48)]
+    assert [(r["id"], r["question"], r["choices"], r["answer"], r["category"], r["task"])
+            for r in items] == [(f"phantom-test-{s}", e.question, e.choices, e.answer, e.qtype,
+                                 e.task) for s, e in enumerate(expected)]
+    assert len({r["volume_uri"] for r in items}) == 48
+    four = write_benchmark(tmp_path / "four", n=5, questions_per_volume=4)
+    items = [json.loads(line) for line in four.read_text().splitlines()]
+    assert len(items) == 20 and len({r["id"] for r in items}) == 20
+    for seed in range(5):
+        mine = items[4 * seed: 4 * seed + 4]  # a volume's questions together, its own first
+        assert {r["volume_uri"] for r in mine} == {f"volumes/phantom-test-{seed}.npy"}
+        assert mine[0]["id"] == f"phantom-test-{seed}"
+        assert len({(r["category"], r["task"]) for r in mine}) == 4
+        for r in mine:
+            question, _, answer = question_for(make_example(seed).phantom, r["category"],
+                                               r["task"])
+            assert (r["question"], r["answer"]) == (question, answer)
+
+
 def test_local_distance_sees_a_small_blob_the_mean_does_not():
     a = np.zeros((64, 64), dtype=np.float32)
     b = a.copy()
