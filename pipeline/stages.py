@@ -176,10 +176,16 @@ class LoadStage:
         self.cache = ReuseCache(int(reuse_cache_mb * MiB) if reuse else 0)
         self.recipe_id = recipe_identity(self.recipe)
 
+    @staticmethod
+    def _inline(batch: Batch, i: int) -> Any:
+        """Row ``i``'s volume bytes when it was sent inline (Serve), else None."""
+        inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
+        return inline if inline is not None and len(inline) > 0 else None
+
     def _volume(self, batch: Batch, i: int) -> Volume:
         fmt = _str(batch["volume_format"][i]) or None
-        inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
-        if inline is not None and len(inline) > 0:
+        inline = self._inline(batch, i)
+        if inline is not None:
             volume = decode_volume(bytes(inline), fmt or "", source=_str(batch["id"][i]),
                                    max_bytes=self.max_volume_bytes, limits=self.limits)
         else:
@@ -202,12 +208,12 @@ class LoadStage:
         kept = np.ascontiguousarray(slices[plan.encode])  # (n, h, w, 3) uint8
         return kept, plan, t1 - t0, time.perf_counter() - t1
 
-    def identity(self, batch: Batch, i: int) -> str:
+    def _identity(self, batch: Batch, i: int) -> str:
         """Row ``i``'s volume content identity (:mod:`pipeline.io.identity`): the row's own
         ``volume_id`` for inline bytes when given (Serve's ingress hashed them), else the
         bytes' sha256, else the stored object's version; ``""`` without one."""
-        inline = batch["volume_bytes"][i] if "volume_bytes" in batch else None
-        if inline is not None and len(inline) > 0:
+        inline = self._inline(batch, i)
+        if inline is not None:
             given = _str(batch["volume_id"][i]) if "volume_id" in batch else ""
             return given or bytes_identity(bytes(inline))
         return volume_identity(_str(batch["volume_uri"][i]), self.storage) or ""
@@ -218,11 +224,10 @@ class LoadStage:
         if not self.reuse or pruning_config(text).question_aware:
             return ""
         uri = _str(batch["volume_uri"][i])
-        if "volume_bytes" in batch and batch["volume_bytes"][i] is not None \
-                and len(batch["volume_bytes"][i]) > 0:
-            identity = self.identity(batch, i)
+        if self._inline(batch, i) is not None:
+            identity = self._identity(batch, i)
         elif uri not in identities:
-            identity = identities[uri] = self.identity(batch, i)
+            identity = identities[uri] = self._identity(batch, i)
         else:
             identity = identities[uri]
         return volume_key(identity, text, self.recipe_id)
@@ -235,7 +240,7 @@ class LoadStage:
             return ""
         uri = _str(batch["volume_uri"][i])
         if uri in identities:  # a stored object: the same version before and after the read
-            if self.identity(batch, i) != identities[uri]:
+            if self._identity(batch, i) != identities[uri]:
                 identities[uri] = ""
                 return ""
         self.cache.put(key, loaded, int(loaded[0].nbytes))

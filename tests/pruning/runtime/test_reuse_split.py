@@ -9,11 +9,10 @@ import torch
 
 from pruning.methods import PruningConfig
 
-PROMPTS = ("Is there a lesion?", "Which organ holds the lesion?", "Describe the liver.")
+PROMPTS = ("Is there a lesion?", "Which organ holds the lesion?")
 # Peaky enough that the tiny random towers drop tokens; merging on, so merged features count.
 PRUNE = PruningConfig(method="medpruner", tau=0.5, temperature=0.05)
-CONFIGS = [PRUNE, PruningConfig(method="visionzip"), PruningConfig(method="random", seed=3),
-           PruningConfig(method="hulu_l1")]
+CONFIGS = [PRUNE, PruningConfig(method="visionzip"), PruningConfig(method="hulu_l1")]
 
 
 def _volume(seed: int) -> np.ndarray:
@@ -53,11 +52,11 @@ def test_one_pruned_volume_answers_every_question_exactly(tiny_vlm, pruning) -> 
 def test_reused_generation_is_marked_and_equal(tiny_vlm) -> None:
     volume = _volume(2)
     pruned = tiny_vlm.prune_batch([volume, volume], pruning=PRUNE)
-    prepared = tiny_vlm.prepare_pruned(pruned, list(PROMPTS[:2]), pruning=PRUNE,
+    prepared = tiny_vlm.prepare_pruned(pruned, list(PROMPTS), pruning=PRUNE,
                                        reused=[False, True])
     generations = prepared.finish(tiny_vlm.engine.generate(prepared.samples, 4))
     assert [g.vision_reused for g in generations] == [False, True]
-    alone = [tiny_vlm.generate(volume, p, pruning=PRUNE, max_new_tokens=4) for p in PROMPTS[:2]]
+    alone = [tiny_vlm.generate(volume, p, pruning=PRUNE, max_new_tokens=4) for p in PROMPTS]
     assert [g.text for g in generations] == [g.text for g in alone]
     assert [g.kept_tokens for g in generations] == [g.kept_tokens for g in alone]
     assert generations[1].to_dict()["vision_reused"] is True
@@ -66,7 +65,7 @@ def test_reused_generation_is_marked_and_equal(tiny_vlm) -> None:
 def test_prepare_pruned_checks_its_arguments(tiny_vlm) -> None:
     pruned = tiny_vlm.prune_batch([_volume(0)], pruning=PRUNE)
     with pytest.raises(ValueError, match="one prompt and reuse flag per pruned volume"):
-        tiny_vlm.prepare_pruned(pruned, list(PROMPTS[:2]), pruning=PRUNE)
+        tiny_vlm.prepare_pruned(pruned, list(PROMPTS), pruning=PRUNE)
     reserved = tiny_vlm.adapter.reserved_strings(tiny_vlm.processor)[0]
     with pytest.raises(ValueError, match="reserved image token"):
         tiny_vlm.prepare_pruned(pruned, [f"look {reserved}"], pruning=PRUNE)
