@@ -16,14 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import (
+from tests.helpers.serving import (
     Served,
+    dicom_bytes,
     gathered_vs_alone,
     loaded_rows,
     npy_bytes,
     phantom_volume,
 )
-from tests.serve.test_security import _dicom_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 QUESTION = {"question": "Which organ has a lesion?", "task": "closed",
@@ -203,7 +203,7 @@ def test_bad_chat_requests(served):
 def test_dicom_identifiers_never_leave(served):
     import ray
 
-    data = base64.b64encode(_dicom_bytes()[:-20]).decode()  # truncated pixel data
+    data = base64.b64encode(dicom_bytes()[:-20]).decode()  # truncated pixel data
     r = _post(served, "/v1/analyze", json=_inline() | {"volume": {"data": data, "format": "dicom"}})
     assert 400 <= r.status_code < 500, r.text
     for secret in ("Doe", "Jane", "PID-0042", "General Hospital"):
