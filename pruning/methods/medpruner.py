@@ -25,6 +25,7 @@ from pruning.methods.selection import (
     check_depth,
     gather,
 )
+from pruning.ops.labels import fmt_number
 from pruning.ops.merge import merge_contextual
 from pruning.ops.nucleus import nucleus_mask
 from pruning.ops.slice_filters import select_slices
@@ -53,10 +54,6 @@ def default_temperature(family: str) -> float:
             f"{sorted(FAMILY_TEMPERATURES)} (or set temperature explicitly)"
         )
     return FAMILY_TEMPERATURES[family]
-
-
-def _fmt(value: float) -> str:
-    return f"{value:g}"
 
 
 class MedPrunerConfig(PruningConfig, method="medpruner"):
@@ -246,20 +243,20 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         return slices_all and (not self.use_dins or self.tau >= 1.0)
 
     def label_parts(self) -> list[str]:
-        parts = [f"tau={_fmt(self.tau)}", f"gamma={_fmt(self.gamma)}"]
+        parts = [f"tau={fmt_number(self.tau)}", f"gamma={fmt_number(self.gamma)}"]
         if self.slice_budget is not None:
-            parts.append(f"budget={_fmt(self.slice_budget)}")
+            parts.append(f"budget={fmt_number(self.slice_budget)}")
         if self.iaf_distance != "mean":
             parts.append(f"iaf={self.iaf_distance}")
             if self.iaf_distance == "patch_percentile":
-                parts.append(f"p={_fmt(self.iaf_percentile)}")
+                parts.append(f"p={fmt_number(self.iaf_percentile)}")
             if self.iaf_distance == "local":
-                parts.append(f"gamma_local={_fmt(self.iaf_gamma_local)}")
+                parts.append(f"gamma_local={fmt_number(self.iaf_gamma_local)}")
             if self.iaf_distance == "transient":
-                parts += [f"finding={_fmt(self.iaf_finding_threshold)}", f"span={self.iaf_span}",
+                parts += [f"finding={fmt_number(self.iaf_finding_threshold)}", f"span={self.iaf_span}",
                           f"shift={self.iaf_shift}", f"size={self.iaf_finding_size}"]
             if self.iaf_distance == "lesion":
-                parts += [f"blob={_fmt(self.iaf_lesion_threshold)}",
+                parts += [f"blob={fmt_number(self.iaf_lesion_threshold)}",
                           f"levels={self.iaf_lesion_levels}", f"span={self.iaf_lesion_max_span}"]
         parts += [f"no_{flag[4:]}" for flag in ("use_iaf", "use_dins", "use_merge")
                   if not getattr(self, flag)]
