@@ -54,8 +54,6 @@ import numpy as np
 
 from pruning.ops.iaf import anchor_slices
 
-_K = 1.6  # ratio of the DoG's two Gaussians (approximates a Laplacian of Gaussian)
-
 
 def lesion_grid(slices: np.ndarray, max_side: int = 96) -> np.ndarray:
     """(D, H, W[, C]) uint8 or [-1, 1] float -> float32 (D, h, w) on [-1, 1], h, w <= max_side.
@@ -92,25 +90,6 @@ def lesion_grid(slices: np.ndarray, max_side: int = 96) -> np.ndarray:
         acc *= np.float32(2.0 / 255.0)
         acc -= np.float32(1.0)
     return acc
-
-
-def blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
-    """Signed in-plane DoG response, the largest magnitude over three scales; (D, h, w).
-
-    A DoG also answers at edges and along ridges (outlines, in-plane vessels); see
-    :func:`hessian_blob_response` for the blob-only measure the filter uses.
-    """
-    from scipy import ndimage
-
-    # a disc of diameter d answers best at sigma ~ d / (2 * sqrt(2))
-    sigmas = np.geomspace(min_size, max_size, 3) / (2 * math.sqrt(2))
-    best = np.zeros_like(grid)
-    for s in sigmas:
-        small = ndimage.gaussian_filter(grid, (0, s, s), truncate=2.5)
-        large = ndimage.gaussian_filter(grid, (0, _K * s, _K * s), truncate=2.5)
-        dog = small - large
-        np.copyto(best, dog, where=np.abs(dog) > np.abs(best))
-    return best
 
 
 def hessian_blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
