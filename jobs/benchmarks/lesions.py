@@ -35,7 +35,7 @@ import numpy as np
 
 from jobs.benchmarks.lesion_insertion import insert_lesions, synthetic_chest, tissue_masks
 from jobs.benchmarks.real_scans import DEFAULT_CACHE, RealScan, load_real_scans
-from pruning.ops.iaf import budget_count, uniform_slices
+from pruning.ops.iaf import PatchPercentileOptions, budget_count, uniform_slices
 from pruning.ops.slice_filters import select_slices
 from pruning.runtime.recipe import SliceRecipe
 
@@ -115,6 +115,7 @@ SliceRule = Callable[[np.ndarray, float], np.ndarray]
 
 def filters() -> dict[str, SliceRule]:
     """name -> ``(uint8 slices, budget) -> kept indices``; the main four come first."""
+    p95 = PatchPercentileOptions(iaf_percentile=95.0)
     return {
         "uniform": lambda v, b: uniform_slices(len(v), budget_count(b, len(v))),
         "paper IAF (mean)": lambda v, b: select_slices(v, 0.05, budget=b),
@@ -122,7 +123,7 @@ def filters() -> dict[str, SliceRule]:
         "lesion": lambda v, b: select_slices(v, 0.05, distance="lesion", budget=b),
         "patch_max": lambda v, b: select_slices(v, 0.05, distance="patch_max", budget=b),
         "patch_percentile p95": lambda v, b: select_slices(v, 0.05, distance="patch_percentile",
-                                                           percentile=95.0, budget=b),
+                                                           options=p95, budget=b),
         "local": lambda v, b: select_slices(v, 0.05, distance="local", budget=b),
     }
 

@@ -1,0 +1,1 @@
+"""Importable helpers shared by the tests (never a conftest, never another test module)."""
