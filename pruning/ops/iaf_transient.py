@@ -35,9 +35,9 @@ slice of a chest CT counts as a finding: ``shift`` and ``size`` must be raised t
 of the findings that matter.
 
 As a slice filter (:mod:`pruning.ops.slice_filters`) it is "transient", with
-:class:`TransientOptions` (``iaf_finding_threshold``, ``iaf_span``, ``iaf_shift``,
-``iaf_finding_size``): :func:`select_slices_transient` (threshold) and
-:func:`select_slices_transient_within` (budget).
+:class:`TransientOptions` (``iaf_finding_threshold``, ``iaf_span``, ``iaf_shift`` and
+``iaf_finding_size`` are ``threshold``, ``span``, ``shift`` and ``size`` above):
+:func:`select_slices_transient` (threshold) and :func:`select_slices_transient_within` (budget).
 """
 
 from __future__ import annotations
