@@ -8,6 +8,7 @@
     medpruner make-tiny-model FAMILY OUT      tiny offline checkpoint (pruning.testing)
     medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.datasets)
     medpruner serve [--port P] [key=value]    start the HTTP service (serve.app)
+    medpruner cluster local up|down|status    cluster.yaml's autoscaling cluster on this machine
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def _benchmark(argv: list[str]) -> int:
     from jobs import benchmark
 
     return benchmark.main(argv)
+
+
+def _cluster(argv: list[str]) -> int:
+    from jobs import cluster
+
+    return cluster.main(argv)
 
 
 def _make_tiny_model(argv: list[str]) -> int:
@@ -128,6 +135,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "make-tiny-model": (_make_tiny_model, "build a tiny offline checkpoint"),
     "make-dataset": (_make_dataset, "write a synthetic dataset"),
     "serve": (_serve, "start the HTTP service on Ray Serve"),
+    "cluster": (_cluster, "local autoscaling cluster; publish node types (jobs.cluster)"),
 }
 
 

@@ -23,6 +23,7 @@ def ray_env() -> dict[str, str]:
     """Environment for Ray processes started by tests (no auth, no telemetry)."""
     return {
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     }
