@@ -2,7 +2,7 @@
 
     medpruner cluster local up|down|status [...]   cluster.yaml's node types on this machine
                                                    (jobs.local_cluster)
-    medpruner cluster publish [--config PATH] [--address HOST:PORT]
+    medpruner cluster publish [--config PATH] [--address HOST:PORT|auto]
         store a cluster config's worker node types in the running cluster's GCS, where jobs
         and Serve check stage asks against them (cluster.yaml's head runs this after
         ``ray start``; default config: ~/ray_bootstrap_config.yaml, the head's own)
@@ -22,14 +22,17 @@ def publish(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medpruner cluster publish")
     parser.add_argument("--config", default=BOOTSTRAP_CONFIG,
                         help="cluster launcher YAML or KubeRay manifest")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "127.0.0.1:6379"),
-                        help="GCS address (host:port) of the running cluster")
+    parser.add_argument("--address", default="auto",
+                        help="GCS address (host:port) of the running cluster; auto: the one "
+                        "running on this machine")
     args = parser.parse_args(argv)
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
     from jobs.cluster_files import load_offers
     from pipeline.cluster_state import publish_node_types
 
     offers = load_offers(os.path.expanduser(args.config))
-    publish_node_types(args.address, offers)
+    publish_node_types(canonicalize_bootstrap_address_or_die(args.address), offers)
     print("medpruner: published node types: " + "; ".join(o.describe() for o in offers))
     return 0
 

@@ -43,6 +43,12 @@ class UnschedulableError(RuntimeError):
     """A stage's actors can never be placed on the cluster; the message is one line."""
 
 
+class _Interrupted(BaseException):
+    """Raised in the main thread by the watchdog's signal. Not an ``Exception``, so it passes
+    Ray Data's handlers (which would log it as an internal error with its stack) to
+    ``PlacementGuard.__exit__``, which turns it into ``UnschedulableError``."""
+
+
 def stage_asks(config: EvalConfig) -> list[StageAsk]:
     """The per-actor ask of each stage of ``config`` (resources and label selector)."""
     return resource_asks((name, getattr(config.stages, name)) for name in STAGES)
@@ -97,12 +103,19 @@ class PlacementGuard:
         self._start_watchdog(types)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 trace: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._previous is not None:
-            signal.signal(INTERRUPT, self._previous)
+        try:
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+        except _Interrupted:
+            pass  # tripped as the run ended: the run's own outcome stands
+        finally:
+            if self._previous is not None:
+                signal.signal(INTERRUPT, self._previous)
+        if isinstance(exc, _Interrupted):
+            raise UnschedulableError(self.reason or "a stage cannot be placed") from None
 
     def _start_watchdog(self, types: list[NodeOffer] | None) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -113,7 +126,7 @@ class PlacementGuard:
         self._thread.start()
 
     def _interrupted(self, signum: int, frame: FrameType | None) -> None:
-        raise UnschedulableError(self.reason or "a stage cannot be placed")
+        raise _Interrupted()
 
     def _watch(self, types: list[NodeOffer] | None) -> None:
         from pipeline.cluster_state import infeasible_requests, live_nodes
@@ -150,5 +163,5 @@ class PlacementGuard:
         offers, label = (types, "node types") if types else (nodes, "live nodes")
         self.reason = unschedulable_message(ask, why, offers, label)
         main = threading.main_thread().ident
-        if main is not None:
+        if main is not None and not self._stop.is_set():
             signal.pthread_kill(main, INTERRUPT)
