@@ -58,3 +58,33 @@ def test_model_actors_run_only_on_the_gpu_node(cluster, tmp_path: Path) -> None:
     ran_model = {r["infer_node"] for r in table.to_pylist() if not r["error"]}
     assert ran_model == {gpu_node.node_id}
     assert head_cluster.head_node.node_id not in ran_model
+
+
+def test_a_stage_no_live_node_can_hold_fails_after_the_timeout(cluster, tmp_path: Path,
+                                                                capsys) -> None:
+    """A plain cluster (no autoscaler, no published node types): the job cannot know whether
+    a node able to hold the stage will come, so it waits ``run.unschedulable_timeout_s``,
+    then exits 2 with one line naming the stage, its ask and the live nodes."""
+    import json
+    import time
+
+    import yaml
+
+    import jobs.evaluate
+
+    manifest = manifest_with_corrupt_volume(tmp_path, volumes=1, limit=2)
+    config = small_config(str(tmp_path / "out"), manifest, "jsonl", str(tmp_path / "cache"),
+                          stages={"infer": {"num_cpus": 1, "num_gpus": 2, "batch_size": 2}},
+                          run={"unschedulable_timeout_s": 5, "progress_interval_s": 0.5})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    started = time.monotonic()
+    assert jobs.evaluate.main(["--config", str(path)]) == 2
+    elapsed = time.monotonic() - started
+    lines = [line for line in capsys.readouterr().err.splitlines() if "asks per actor" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("medpruner: stage 'infer' asks per actor for {CPU: 1, GPU: 2}, "
+                               "but no node able to hold one came up within "
+                               "run.unschedulable_timeout_s=5s (live nodes: ")
+    assert "GPU: 1" in lines[0]
+    print(f"\nunschedulable on a plain cluster: exit 2 after {elapsed:.1f}s (timeout 5s)")
