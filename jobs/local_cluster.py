@@ -422,11 +422,12 @@ def _print_usage(cluster: LocalCluster) -> None:
     exports = " ".join(f"{k}={v}" for k, v in sorted(cluster.env.items()))
     print(f"medpruner: local cluster {cluster.name!r} up: GCS {cluster.gcs_address}, "
           f"dashboard {cluster.dashboard_url}\n"
-          f"  export {exports} RAY_ADDRESS={cluster.dashboard_url}\n"
-          f"  ray job submit --runtime-env-json '{{\"excludes\": [\".git\", \".venv\"]}}' "
-          f"--working-dir . -- python -m jobs.evaluate --config jobs/configs/demo.yaml "
-          f"stages.infer.num_gpus=1\n"
-          f"  RAY_ADDRESS={cluster.gcs_address} serve run serve/serve_config.yaml\n"
+          f"  export {exports}\n"
+          f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- "
+          f"python -m jobs.evaluate --config jobs/configs/demo.yaml stages.infer.num_gpus=1\n"
+          f"  ray status --address {cluster.gcs_address}\n"
+          f"  Serve: serve deploy --address {cluster.dashboard_url} CONFIG.yaml with "
+          f"proxy_location: HeadOnly (one proxy: every node shares 127.0.0.1)\n"
           f"  medpruner cluster local down --name {cluster.name}", flush=True)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
+from jobs.local_cluster import free_port  # noqa: F401 - re-exported for the tests
 from pipeline.config import EvalConfig, parse_config
 
 MODEL = "tiny:qwen2_5_vl"
@@ -44,13 +44,6 @@ def configure_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = False
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def small_config(output: str, manifest: str, fmt: str, cache: str, **extra: Any) -> EvalConfig:
