@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.scheduling import NodeOffer
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 STATE_ENV = "MEDPRUNER_LOCAL_CLUSTERS"  # where state files go (default below)
@@ -50,14 +52,11 @@ HEAD_PORT_FLAGS = ("ray-client-server-port", "dashboard-agent-listen-port",
 
 
 @dataclass(frozen=True)
-class NodeType:
-    """One node type as the local autoscaler launches it."""
+class NodeType(NodeOffer):
+    """One node type as the local autoscaler launches it: an offer of ``max_count`` nodes,
+    with the autoscaler's minimum and idle timeout."""
 
-    name: str
-    resources: dict[str, float]
-    labels: dict[str, str] = field(default_factory=dict)
     min_workers: int = 0
-    max_workers: int = 0
     idle_timeout_s: float | None = None
 
 
@@ -122,7 +121,7 @@ def local_spec(cluster: dict[str, Any], scale: LocalScale | None = None) -> Loca
     head_resources = {k: float(v) for k, v in head_spec.get("resources", {}).items()}
     head = NodeType(head_name, {**head_resources, "memory": float(scale.node_memory),
                                 "object_store_memory": float(scale.head_object_store)},
-                    dict(head_spec.get("labels") or {}))
+                    dict(head_spec.get("labels") or {}), max_count=0)
     workers = []
     for name, spec in types.items():
         if name == head_name:
@@ -131,7 +130,7 @@ def local_spec(cluster: dict[str, Any], scale: LocalScale | None = None) -> Loca
         high = min(int(spec.get("max_workers", scale.max_workers)), scale.max_workers)
         own_idle = idle if scale.idle_timeout_s is not None else spec.get("idle_timeout_s")
         workers.append(NodeType(name, _scaled_resources(spec.get("resources", {}), scale),
-                                dict(spec.get("labels") or {}), min(low, high), high, own_idle))
+                                dict(spec.get("labels") or {}), high, min(low, high), own_idle))
     return LocalSpec(head, tuple(workers), idle, float(cluster.get("upscaling_speed", 1.0)))
 
 
@@ -145,7 +144,7 @@ def autoscaling_config(spec: LocalSpec, gcs_address: str, nodes_dir: str) -> dic
     for node in spec.workers:
         types[node.name] = {"resources": dict(node.resources), "node_config": {},
                             "labels": dict(node.labels), "min_workers": node.min_workers,
-                            "max_workers": node.max_workers}
+                            "max_workers": node.max_count}
         if node.idle_timeout_s is not None:
             types[node.name]["idle_timeout_s"] = node.idle_timeout_s
     empty: dict[str, Any] = {key: [] for key in (
@@ -154,7 +153,7 @@ def autoscaling_config(spec: LocalSpec, gcs_address: str, nodes_dir: str) -> dic
         "cluster_synced_files", "rsync_exclude", "rsync_filter")}
     return {
         "cluster_name": "medpruner-local",
-        "max_workers": sum(node.max_workers for node in spec.workers),
+        "max_workers": sum(node.max_count for node in spec.workers),
         "upscaling_speed": spec.upscaling_speed,
         "idle_timeout_minutes": spec.idle_timeout_s / 60.0,
         "provider": {"type": "external", "module": "jobs.local_provider.LocalNodeProvider",
@@ -379,16 +378,13 @@ def report_node_types(gcs_address: str, spec: LocalSpec) -> None:
     the cluster's largest size); ``pipeline.cluster_state.known_node_types`` reads it back.
     """
     from pipeline.cluster_state import publish_node_types
-    from pipeline.scheduling import NodeOffer
 
-    offers = [NodeOffer(n.name, dict(n.resources), dict(n.labels), n.max_workers)
-              for n in spec.workers]
-    publish_node_types(gcs_address, offers)
+    publish_node_types(gcs_address, list(spec.workers))
 
 
 def iter_nodes(cluster: LocalCluster) -> Iterator[dict[str, Any]]:
-    """The cluster's nodes as the dashboard lists them (alive and dead): node_id, state,
-    node type (``ray.io/node-group`` or the raylet's node type), resources_total, labels."""
+    """The cluster's nodes as the dashboard's state API lists them, alive and dead (dicts with
+    ``node_id``, ``state``, ``resources_total``, ``labels``)."""
     from ray.util.state import list_nodes
 
     for node in list_nodes(address=cluster.dashboard_url, detail=True, limit=1000,

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     os.environ["MEDPRUNER_LOCAL_CLUSTERS"] = str(tmp_path_factory.mktemp("clusters"))
     scale = LocalScale(cpus=2, max_workers=2, min_workers=0, idle_timeout_s=IDLE_S)
     spec = local_spec(yaml.safe_load(CLUSTER_YAML.read_text()), scale)
-    spec = replace(spec, workers=tuple(replace(n, max_workers=1) if n.name == "cpu_worker"
+    spec = replace(spec, workers=tuple(replace(n, max_count=1) if n.name == "cpu_worker"
                                        else n for n in spec.workers))
     local = start_cluster(spec, name=f"test-{os.getpid()}")
     try:

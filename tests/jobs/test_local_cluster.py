@@ -42,10 +42,10 @@ def test_cluster_yaml_node_types_are_kept_and_scaled_to_the_machine() -> None:
                              "memory": 4 * GiB, "object_store_memory": 150 * MiB}
     assert gpu.labels == {"medpruner.io/role": "inference", "ray.io/accelerator-type": "H100"}
     # cluster.yaml: cpu_worker min 1, gpu_worker min 0; max 16 capped; idle 10 min / 600 s
-    assert (cpu.min_workers, cpu.max_workers, gpu.min_workers, gpu.max_workers) == (1, 2, 0, 2)
+    assert (cpu.min_workers, cpu.max_count, gpu.min_workers, gpu.max_count) == (1, 2, 0, 2)
     assert spec.idle_timeout_s == 600 and gpu.idle_timeout_s == 600
     tight = local_spec(_cluster(), LocalScale(min_workers=0, max_workers=1, idle_timeout_s=15))
-    assert all((n.min_workers, n.max_workers, n.idle_timeout_s) == (0, 1, 15)
+    assert all((n.min_workers, n.max_count, n.idle_timeout_s) == (0, 1, 15)
                for n in tight.workers)
 
 
