@@ -106,8 +106,9 @@ def unschedulable_message(ask: StageAsk, why: str, offers: list[NodeOffer], labe
         label: what ``offers`` are, e.g. "node types" or "live nodes".
     """
     offered = "; ".join(offer.describe() for offer in offers) or "none"
-    return (f"{ask.kind} {ask.stage!r} asks per {'replica' if ask.kind == 'deployment' else 'actor'}"
-            f" for {ask.describe()}, but {why} ({label}: {offered})")
+    unit = "replica" if ask.kind == "deployment" else "actor"
+    return (f"{ask.kind} {ask.stage!r} asks per {unit} for {ask.describe()}, but {why} "
+            f"({label}: {offered})")
 
 
 # --- retries that outlast a lost node ------------------------------------------------------

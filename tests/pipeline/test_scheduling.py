@@ -94,7 +94,8 @@ def test_an_autoscaler_request_matches_the_ask_of_its_shape() -> None:
     assert not matches_request(ask, {"CPU": 1.0, "GPU": 1.0})
 
 
-@pytest.mark.parametrize("key", ["run.unschedulable_timeout_s=0", "stages.infer.node_loss_window_s=-1"])
+@pytest.mark.parametrize("key", ["run.unschedulable_timeout_s=0",
+                                 "stages.infer.node_loss_window_s=-1"])
 def test_bad_placement_settings_are_refused(key: str) -> None:
     from pipeline.config import ConfigError, load_config
 
