@@ -4,10 +4,10 @@ an actor that crashes once, free ports."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
+from jobs.local_cluster import free_port  # noqa: F401 - re-exported for the tests
 from pipeline.config import EvalConfig, parse_config
 
 MODEL = "tiny:qwen2_5_vl"
@@ -30,6 +30,7 @@ def ray_env() -> dict[str, str]:
     """Environment for Ray processes started by tests (no auth, no telemetry)."""
     return {
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     }
@@ -51,13 +52,6 @@ def configure_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = False
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def small_config(output: str, manifest: str, fmt: str, cache: str, **extra: Any) -> EvalConfig:

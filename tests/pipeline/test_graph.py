@@ -107,7 +107,6 @@ def test_an_error_rate_over_the_limit_fails_the_job(tmp_path: Path, monkeypatch,
                                   "dataset": {"uri": "synthetic", "format": "jsonl"},
                                   "model": "tiny:qwen2_5_vl", "methods": ["original"]}))
     monkeypatch.setattr(jobs.evaluate, "connect_ray", lambda config: "test")
-    monkeypatch.setattr(jobs.evaluate, "warn_missing_gpus", lambda config: None)
 
     def finished(errors: int, transient: int):
         return lambda config: EvalResult(
