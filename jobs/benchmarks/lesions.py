@@ -104,8 +104,10 @@ def build_cases(split: str, args) -> list[Case]:
                                                   count, masks=masks)
             if not lesions:
                 continue
-            per_lesion = [np.flatnonzero((labels == k + 1).any(axis=(1, 2))) for k in range(len(lesions))]
-            cases.append(Case(split, scan.name, recipe.prepare(vol, scan.modality), per_lesion, lesions))
+            per_lesion = [np.flatnonzero((labels == k + 1).any(axis=(1, 2)))
+                          for k in range(len(lesions))]
+            cases.append(Case(split, scan.name, recipe.prepare(vol, scan.modality), per_lesion,
+                              lesions))
     return cases
 
 
@@ -170,7 +172,8 @@ def print_table(split: str, cases: list[Case], rows: list[tuple[str, float, dict
     scans = sorted({c.scan for c in cases})
     print(f"\n{split}: {len(cases)} volumes ({', '.join(scans)}), {lesions} lesions, "
           f"{slices} slices")
-    print("| filter | budget | lesion-slice recall | lesions seen | slice rate | CPU vs paper IAF |")
+    print("| filter | budget | lesion-slice recall | lesions seen | slice rate | "
+          "CPU vs paper IAF |")
     print("|---|---|---|---|---|---|")
     for name, budget, r in rows:
         print(f"| {name} | {budget:.0%} | {r['recall']:.1%} | {r['seen']:.1%} | {r['rate']:.1%} "

@@ -92,7 +92,8 @@ def start_s3_server(directory: Path, *, bucket: str = "test", timeout: float = 6
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "data").mkdir(exist_ok=True)
     key, secret = "test" + secrets.token_hex(6), secrets.token_hex(16)
-    config = {"identities": [{"name": "tester", "credentials": [{"accessKey": key, "secretKey": secret}],
+    config = {"identities": [{"name": "tester",
+                              "credentials": [{"accessKey": key, "secretKey": secret}],
                               "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
     (directory / "s3.json").write_text(json.dumps(config))
     ports = _free_ports(2 * len(_COMPONENTS))

@@ -57,7 +57,8 @@ def test_evaluation_reads_and_writes_s3(
     assert set(DESIGN_COLUMNS) <= set(table.column_names)
     assert table.column("error").to_pylist() == [""] * table.num_rows
     assert sorted(set(table.column("method").to_pylist())) == ["medpruner", "original"]
-    pairs = list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(), strict=True))
+    pairs = list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(),
+                     strict=True))
     assert len(set(pairs)) == len(pairs)
     summary = json.loads(read_bytes(f"{output}/summary.json", s3_storage))
     assert summary["methods"]["original"]["quality_pct"] == pytest.approx(100.0)

@@ -105,7 +105,8 @@ def test_openai_client(served):
     stream = client.chat.completions.create(
         model=Path(served.model_dir).name, stream=True, max_tokens=6,
         messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Findings?"}]}])
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Findings?"}]}])
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == completion.choices[0].message.content
 
@@ -141,7 +142,8 @@ BAD_INPUTS = {
     "no_token": (401, dict(json=_inline(), headers={"Authorization": ""})),
     "wrong_token": (401, dict(json=_inline(), headers={"Authorization": "Bearer nope"})),
     "text_plain": (415, dict(content=b"hello", headers={"Content-Type": "text/plain"})),
-    "malformed_json": (400, dict(content=b"{not json", headers={"Content-Type": "application/json"})),
+    "malformed_json": (400, dict(content=b"{not json",
+                                 headers={"Content-Type": "application/json"})),
     "missing_question": (422, dict(json={"volume": {"uri": "ct.npy"}})),
     "unknown_field": (422, dict(json=_inline(temperature=0.2))),
     "uri_and_data": (422, dict(json=_inline() | {"volume": {"uri": "ct.npy", "data": "AA==",
@@ -158,7 +160,8 @@ BAD_INPUTS = {
     "bucket_not_allowed": (403, dict(json={"volume": {"uri": "s3://other/ct.npy"}} | QUESTION)),
     "http_scheme": (400, dict(json={"volume": {"uri": "http://127.0.0.1:1/x.npy"}} | QUESTION)),
     "missing_file": (404, dict(json={"volume": {"uri": "nope.npy"}} | QUESTION)),
-    "body_too_large": (413, dict(content=_big_body(), headers={"Content-Type": "application/json"})),
+    "body_too_large": (413, dict(content=_big_body(),
+                                 headers={"Content-Type": "application/json"})),
     "too_many_slices": (413, dict(json={"volume": {"uri": "deep.npy"}} | QUESTION)),
     "slice_too_wide": (413, dict(json={"volume": {"uri": "wide.npy"}} | QUESTION)),
     "bad_pruning": (422, dict(json=_inline(pruning={"tau": -1}))),

@@ -89,7 +89,8 @@ def test_lesions_sit_in_their_organ_and_contrast_with_it():
 def test_curriculum_spec_makes_lesions_larger():
     boost = PhantomSpec(radius_boost=3.0)
     small = sum(make_phantom_volume(s, count=1, organ="liver").lesion_mask.sum() for s in range(8))
-    big = sum(make_phantom_volume(s, count=1, organ="liver", spec=boost).lesion_mask.sum() for s in range(8))
+    big = sum(make_phantom_volume(s, count=1, organ="liver", spec=boost).lesion_mask.sum()
+              for s in range(8))
     assert big > 1.5 * small
 
 
@@ -118,7 +119,8 @@ def test_written_benchmark_reads_back(tmp_path):
     assert [r.id for r in records] == [f"phantom-test-{s}" for s in range(3)]
     first = make_example(0)
     assert records[0].answer == first.answer and records[0].category == first.qtype
-    assert np.array_equal(np.load(tmp_path / "volumes" / "phantom-test-0.npy"), first.phantom.volume)
+    assert np.array_equal(np.load(tmp_path / "volumes" / "phantom-test-0.npy"),
+                          first.phantom.volume)
     assert records[0].extra["lesion_slices"] == lesion_slices(first.phantom.lesion_mask).tolist()
 
 

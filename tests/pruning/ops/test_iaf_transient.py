@@ -83,7 +83,8 @@ def test_uint8_and_float_inputs_and_channels_agree() -> None:
     a = transient_scores(vol)
     np.testing.assert_allclose(transient_scores(as_float), a, atol=1e-5)
     np.testing.assert_allclose(transient_scores(rgb), a, atol=1e-5)
-    assert select_slices_transient(rgb, 0.05).tolist() == select_slices_transient(vol, 0.05).tolist()
+    assert (select_slices_transient(rgb, 0.05).tolist()
+            == select_slices_transient(vol, 0.05).tolist())
 
 
 def test_bad_options_are_rejected_with_the_valid_range() -> None:
