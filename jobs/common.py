@@ -64,8 +64,8 @@ def connect_ray(config: EvalConfig) -> str:
     if wanted > gpus:
         raise ConfigError(f"a stage asks for {wanted} GPU(s) per actor but this machine has {gpus}; "
                           "set stages.infer.num_gpus=0 (CPU) or ray.num_gpus")
-    ray.init(
-        num_cpus=options.num_cpus or local_cpus(config), num_gpus=gpus,
+    ray.init(  # address "local": a new instance, never another cluster running on this host
+        address="local", num_cpus=options.num_cpus or local_cpus(config), num_gpus=gpus,
         object_store_memory=options.object_store_memory,
         include_dashboard=options.include_dashboard, log_to_driver=True,
     )

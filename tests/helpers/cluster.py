@@ -41,7 +41,7 @@ def start_local_ray(num_cpus: int = 4) -> None:
     os.environ.update(ray_env())
     import ray
 
-    ray.init(num_cpus=num_cpus, num_gpus=0, object_store_memory=300 * 1024**2,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=0, object_store_memory=300 * 1024**2,
              include_dashboard=False, log_to_driver=False)
     configure_ray_data()
 
