@@ -37,7 +37,7 @@ FAMILY_TEMPERATURES: dict[str, float] = {
     "qwen3_vl": 2.0,
     "gemma3": 2.0,
     "qwen2_5_vl": 1.0,
-    "hulu": 1.0,
+    "hulu_med": 1.0,
 }
 
 
