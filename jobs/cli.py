@@ -7,6 +7,7 @@
     medpruner benchmark NAME                  python -m jobs.benchmark NAME
     medpruner make-tiny-model FAMILY OUT      tiny offline checkpoint (pruning.testing)
     medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.datasets)
+    medpruner convert hulu-med SRC DST        Hulu-Med GitHub checkpoint -> native folder
     medpruner serve [--port P] [key=value]    start the HTTP service (serve.app)
 """
 
@@ -77,13 +78,40 @@ def _make_tiny_model(argv: list[str]) -> int:
 def _make_dataset(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medpruner make-dataset")
     parser.add_argument("out", help="output folder (local or s3://)")
-    parser.add_argument("--format", required=True, help="dataset format (pipeline.datasets.records)")
+    parser.add_argument("--format", required=True,
+                        help="dataset format (pipeline.datasets.records)")
     parser.add_argument("-n", type=int, default=8, help="number of volumes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from pipeline.synthetic.datasets import make_dataset
 
     print(make_dataset(args.out, args.format, n=args.n, seed=args.seed))
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    """Convert a checkpoint into the native transformers layout; one line on failure."""
+    parser = argparse.ArgumentParser(
+        prog="medpruner convert", description="Convert a checkpoint into the native "
+        "transformers layout (pruning.runtime.conversion); DST must not exist.")
+    parser.add_argument("kind", choices=["hulu-med"], help="what SRC is: hulu-med (Hulu-Med's "
+                        "GitHub layout, model_type hulumed_qwen2 / hulumed_qwen3)")
+    parser.add_argument("src", help="the checkpoint folder")
+    parser.add_argument("dst", help="the native folder to create")
+    parser.add_argument("--vision-encoder", default=None, metavar="DIR",
+                        help="vision encoder folder, when config.json's vision_encoder does "
+                        "not name one under SRC")
+    args = parser.parse_args(argv)
+    from pruning.runtime.conversion import ConversionError, convert_hulu_med
+
+    try:
+        result = convert_hulu_med(args.src, args.dst, vision_encoder=args.vision_encoder)
+    except (ConversionError, OSError) as exc:
+        print(f"medpruner convert: {exc}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.dst} ({result.tensors} tensors from the {result.layout} layout)")
     return 0
 
 
@@ -127,6 +155,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "benchmark": (_benchmark, "run a benchmark program (jobs.benchmark)"),
     "make-tiny-model": (_make_tiny_model, "build a tiny offline checkpoint"),
     "make-dataset": (_make_dataset, "write a synthetic dataset"),
+    "convert": (_convert, "convert a checkpoint to the native layout (hulu-med)"),
     "serve": (_serve, "start the HTTP service on Ray Serve"),
 }
 

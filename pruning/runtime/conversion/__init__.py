@@ -9,6 +9,7 @@ destination then.
 """
 
 from pruning.runtime.conversion.configs import native_processor_config
+from pruning.runtime.conversion.hulu_med import convert_hulu_med
 from pruning.runtime.conversion.layouts import LAYOUTS, ConversionError, Layout
 
-__all__ = ["LAYOUTS", "ConversionError", "Layout", "native_processor_config"]
+__all__ = ["LAYOUTS", "ConversionError", "Layout", "convert_hulu_med", "native_processor_config"]

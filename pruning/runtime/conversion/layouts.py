@@ -46,9 +46,10 @@ GITHUB = Layout(
 LAYOUTS: tuple[Layout, ...] = (GITHUB,)
 
 
-def _prefixes(keys: Iterable[str], depth: int = 3) -> list[str]:
-    """The distinct first ``depth`` dotted parts of ``keys`` (for error messages)."""
-    return sorted({".".join(key.split(".")[:depth]) + "." for key in keys})
+def _prefixes(keys: Iterable[str], depth: int = 2) -> list[str]:
+    """The distinct first ``depth`` dotted parts of ``keys``, as globs (for error messages)."""
+    return sorted({".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+                   for parts in (key.split(".") for key in keys)})
 
 
 def detect_layout(model_type: str | None, keys: Iterable[str]) -> Layout:
