@@ -64,7 +64,7 @@ def _benchmark(argv: list[str]) -> int:
 
 def _make_tiny_model(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medpruner make-tiny-model")
-    parser.add_argument("family", help="model family, e.g. qwen2_5_vl, qwen3_vl, gemma3")
+    parser.add_argument("family", help="model family: qwen2_5_vl, qwen3_vl, gemma3, hulu_med")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--size", choices=("tiny", "bench"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
