@@ -134,6 +134,22 @@ def test_vision_encoder_folder_from_the_option(github, native, tmp_path, capsys)
                        _tensors(native)["lm_head.weight"])
 
 
+def test_rotary_inv_freq_is_never_copied(github, native, tmp_path, capsys):
+    """A checkpoint that saved the vision rotary buffer (uninitialised under transformers 5):
+    dropped, and the native class computes it."""
+    src = tmp_path / "src"
+    shutil.copytree(github, src)
+    key = "model.vision_encoder.vision_encoder.encoder.rotary_pos_emb.inv_freq"
+    _edit_weights(src, lambda t: t.update({key: torch.full((4,), 1e37)}))
+    code, out, err = _convert(src, tmp_path / "dst", capsys)
+    assert code == 0, err
+    assert not any("inv_freq" in k for k in _tensors(tmp_path / "dst"))
+    from pruning.runtime.vlm import load_vlm
+
+    rotary = load_vlm(tmp_path / "dst").model.model.vision_model.rotary_pos_emb
+    assert torch.equal(rotary.inv_freq, torch.tensor([1.0, 0.1, 0.01, 0.001]))
+
+
 def _edit_config(src: Path, **changes) -> None:
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, **changes}))
