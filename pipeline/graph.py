@@ -21,12 +21,14 @@ restarted and its batch retried by Ray Data.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +70,7 @@ class InferActor(InferStage):
 
 
 class ScoreActor(ScoreStage):
-    """ScoreStage as a Ray Data actor; drops the per-row slice index arrays."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = super().__call__(batch)
-        out.pop("slice_indices", None)
-        return out
+    """ScoreStage as a Ray Data actor."""
 
 
 class OutputConflictError(ValueError):
@@ -136,8 +133,8 @@ def resolve_manifest(config: EvalConfig) -> str:
 def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
     """One row per (record, method), method-major so batches share a pruning config.
 
-    A row names its method (``pruning`` = the method's name); the stages hold the typed
-    configs (``stage_specs``), so no config travels with the rows.
+    ``method`` is the method's label and ``pruning`` its configuration as JSON (the row
+    contract of :mod:`pipeline.stages`), as the results table stores them.
     """
 
     seen: dict[str, int] = {}
@@ -157,7 +154,7 @@ def expand_rows(config: EvalConfig, records: list[Any]) -> list[dict[str, Any]]:
         })
     model = config.model.path
     return [
-        {**sample, "model": model, "method": spec.name, "pruning": spec.name}
+        {**sample, "model": model, "method": spec.name, "pruning": spec.pruning.model_dump_json()}
         for spec in config.methods for sample in samples
     ]
 
@@ -223,43 +220,73 @@ def error_summary(table: pa.Table, top: int = 3) -> str:
     return f"{len(errors)} of {table.num_rows} rows failed" + (f": {listed}" if listed else "")
 
 
-def _map_stage(ds: ray.data.Dataset, stage: type, res: StageResources, kwargs: dict[str, Any]) -> ray.data.Dataset:
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts/retries yet; the catch-all
-        # ``**ray_remote_args`` is the only way and warns that it will be renamed.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return ds.map_batches(
-            stage, fn_constructor_kwargs=kwargs, batch_size=res.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory,
-            max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
-        )
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the graph: the class Ray Data runs in an actor pool, its constructor's
+    keyword arguments and the pool's resources.
 
+    The arguments are checked against the class's signature when the spec is made, so a wrong
+    one fails on the driver rather than in every actor.
 
-StageSpec = tuple[type, dict[str, Any]]
+    Raises:
+        ValueError: ``kwargs`` do not fit ``stage``'s constructor.
+    """
+
+    stage: type
+    kwargs: Mapping[str, Any]
+    resources: StageResources
+
+    def __post_init__(self) -> None:
+        try:
+            inspect.signature(self.stage).bind(**self.kwargs)
+        except TypeError as exc:
+            raise ValueError(f"stage {self.stage.__name__}: {exc}") from None
+
+    def build(self) -> Any:
+        """The stage instance, in this process (tests and benchmarks)."""
+        return self.stage(**self.kwargs)
+
+    def replace(self, **changes: Any) -> StageSpec:
+        """This spec with some fields replaced (e.g. a stand-in ``stage``)."""
+        return dataclasses.replace(self, **changes)
+
+    def map(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        """``ds`` through this stage's actor pool."""
+        res = self.resources
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for actor restarts/retries yet; the catch-all
+            # ``**ray_remote_args`` is the only way and warns that it will be renamed.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            return ds.map_batches(
+                self.stage, fn_constructor_kwargs=dict(self.kwargs), batch_size=res.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(min_size=res.min_actors,
+                                                   max_size=res.max_actors),
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory,
+                max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
+            )
 
 
 def stage_specs(config: EvalConfig) -> dict[str, StageSpec]:
-    """The (actor class, constructor kwargs) of the load, infer and score stages."""
-    cache = config.cache_path()
-    methods = {spec.name: spec.pruning for spec in config.methods}
-    model = {"model": config.model.path, "cache_dir": cache, "methods": methods,
+    """The load, infer and score stages of ``config``: actor class, arguments, resources."""
+    model = {"model": config.model.path, "cache_dir": config.cache_path(),
              "slice_size": config.model.slice_size}
+    run = config.run
     return {
-        "load": (LoadActor, {**model, "storage": config.dataset_storage,
-                             "max_volume_bytes": config.run.max_volume_bytes,
-                             "limits": config.run.limits.model_dump(),
-                             "transient_retries": config.run.transient_retries,
-                             "retry_backoff_s": config.run.retry_backoff_s}),
-        "infer": (InferActor, {**model, "device": config.model.device,
-                               "dtype": config.model.dtype, "engine": config.model.engine,
-                               "max_new_tokens": config.max_new_tokens}),
-        "score": (ScoreActor, {"scorer": config.scorer}),
+        "load": StageSpec(LoadActor, {
+            **model, "storage": config.dataset_storage, "max_volume_bytes": run.max_volume_bytes,
+            "limits": run.limits.model_dump(), "transient_retries": run.transient_retries,
+            "retry_backoff_s": run.retry_backoff_s}, config.stages.load),
+        "infer": StageSpec(InferActor, {
+            **model, "device": config.model.device, "dtype": config.model.dtype,
+            "engine": config.model.engine, "max_new_tokens": config.max_new_tokens},
+            config.stages.infer),
+        "score": StageSpec(ScoreActor, {"scorer": config.scorer}, config.stages.score),
     }
 
 
 def build_dataset(config: EvalConfig, rows: list[dict[str, Any]], *,
-                  stages: dict[str, StageSpec] | None = None) -> ray.data.Dataset:
+                  stages: Mapping[str, StageSpec] | None = None) -> ray.data.Dataset:
     """The lazy Ray Data graph over ``rows`` (the small per-sample records, no volumes).
 
     ``stages`` replaces some of ``stage_specs(config)`` (benchmarks use a stand-in model).
@@ -268,8 +295,7 @@ def build_dataset(config: EvalConfig, rows: list[dict[str, Any]], *,
     blocks = max(1, min(len(rows), -(-len(rows) // config.stages.load.batch_size), 1000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for name in ("load", "infer", "score"):
-        stage, kwargs = specs[name]
-        ds = _map_stage(ds, stage, getattr(config.stages, name), kwargs)
+        ds = specs[name].map(ds)
     return ds
 
 
@@ -288,15 +314,10 @@ def _stream(ds: ray.data.Dataset, config: EvalConfig, run_id: str, progress: Pro
             seq, written = seq + 1, written + table.num_rows
             buffered.clear()
 
-    # Rows name their method; the results record each method's full config.
-    definitions = {spec.name: spec.pruning.model_dump_json() for spec in config.methods}
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for batch in batches:
             table = coerce_results(batch, run_id)
-            configs = [definitions.get(m, m) for m in table.column("method").to_pylist()]
-            table = table.set_column(table.schema.get_field_index("pruning"), "pruning",
-                                     pa.array(configs, pa.string()))
             buffered.append(table)
             if sum(t.num_rows for t in buffered) >= config.run.flush_rows:
                 flush()
@@ -316,7 +337,7 @@ def run_evaluation(
     *,
     on_batch: Callable[[pa.Table], None] | None = None,
     log: Callable[[str], None] | None = None,
-    stages: dict[str, StageSpec] | None = None,
+    stages: Mapping[str, StageSpec] | None = None,
 ) -> EvalResult:
     """Run (or resume) one evaluation on the connected Ray cluster and write its outputs.
 

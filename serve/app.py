@@ -29,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from pruning.methods import SlicePlan
 from serve.api import AnalysisJob, AnalysisResult, create_app
 from serve.config import DeploymentOptions, ServeAppConfig, parse_app_args
 from serve.security import (
@@ -124,28 +125,18 @@ def deployment_options(spec: DeploymentOptions, log_level: str) -> dict[str, Any
     return options
 
 
-def _limited_load_stage(cfg: ServeAppConfig) -> Any:
-    """A LoadStage that refuses decoded volumes above the slice/side limits (413)."""
-    # Imported here, as in ModelServer: the stages pull in torch and transformers, which the
-    # ingress replica (it imports this module too) never needs.
-    from pipeline.stages import LoadStage
+def _shape_check(cfg: ServeAppConfig) -> Any:
+    """The load stage's ``volume_check``: refuse decoded volumes above the slice / side limits
+    (413) before windowing and resizing spend time on them."""
 
-    class LimitedLoadStage(LoadStage):
-        # Checks the decoded volume's shape before windowing/resizing spend time on it.
-        def _volume(self, batch: Any, i: int) -> Any:
-            volume = super()._volume(batch, i)
-            try:
-                check_volume_shape(volume.array.shape, max_slices=cfg.limits.max_slices,
-                                   max_dim=cfg.limits.max_side)
-            except ApiError as exc:
-                raise VolumeLimitError(exc.message) from None
-            return volume
+    def check(volume: Any) -> None:
+        try:
+            check_volume_shape(volume.array.shape, max_slices=cfg.limits.max_slices,
+                               max_dim=cfg.limits.max_side)
+        except ApiError as exc:
+            raise VolumeLimitError(exc.message) from None
 
-    return LimitedLoadStage(cfg.model, storage=cfg.storage, cache_dir=cfg.cache_dir,
-                            slice_size=cfg.slice_size,
-                            max_volume_bytes=cfg.limits.max_volume_bytes,
-                            limits=cfg.limits.decode_limits(), transient_retries=1,
-                            retry_backoff_s=0.5)
+    return check
 
 
 @serve.deployment
@@ -153,8 +144,16 @@ class Preprocessor:
     """CPU deployment: one LoadStage; one-row batches in a worker thread."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
+        # Imported here, as in ModelServer: the stages pull in torch and transformers, which the
+        # ingress replica (it imports this module too) never needs.
+        from pipeline.stages import LoadStage
+
         logging.getLogger("medpruner").setLevel(cfg.log_level)
-        self._stage = _limited_load_stage(cfg)
+        self._stage = LoadStage(cfg.model, storage=cfg.storage, cache_dir=cfg.cache_dir,
+                                slice_size=cfg.slice_size,
+                                max_volume_bytes=cfg.limits.max_volume_bytes,
+                                limits=cfg.limits.decode_limits(), transient_retries=1,
+                                retry_backoff_s=0.5, volume_check=_shape_check(cfg))
 
     def info(self) -> dict[str, Any]:
         """Slice recipe facts the ingress needs (the recipe gives a slice's token grid)."""
@@ -181,21 +180,21 @@ class ModelServer:
     ``serve.batch`` when batching is on."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
-        from pipeline.stages import InferStage  # torch + transformers: see _limited_load_stage
+        from pipeline.stages import InferStage  # torch + transformers: see Preprocessor
 
         logging.getLogger("medpruner").setLevel(cfg.log_level)
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                  max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
                                  slice_size=cfg.slice_size, engine=cfg.engine, serving=True)
-        engine = self._stage.vlm.engine
-        # hf gathers requests with @serve.batch windows: one batch at a time runs the vision
-        # half and one generate call. vllm batches generation continuously: each batch runs in
-        # its own worker thread (the vision tower and hf generate lock themselves), and the
-        # engine's loop bridge hands its samples to vLLM's async engine on this replica's event
-        # loop. With batching on, concurrent requests are also gathered for the vision half,
-        # and several gathered batches may be in the engine at once.
-        self._continuous = engine.name == "vllm"
-        self._batching = cfg.infer.batching.enabled
+        capabilities = self._stage.capabilities
+        # Requests are gathered with @serve.batch windows into one stage call (its vision half
+        # runs as one batch) when the engine gathers them. An engine without continuous
+        # batching (hf) runs one batch at a time: its vision half and one generate call. One
+        # with it (vllm) runs each batch in its own worker thread (the vision tower locks
+        # itself) and hands the samples to its engine on this replica's event loop, so several
+        # gathered batches may be in the engine at once.
+        self._continuous = capabilities.continuous_batching
+        self._batching = cfg.infer.batching.enabled and capabilities.gathers_vision
         self._threads = ThreadPoolExecutor(max_workers=cfg.infer.max_ongoing_requests,
                                            thread_name_prefix="model")
         size = cfg.infer.resources.batch_size
@@ -208,22 +207,13 @@ class ModelServer:
         self._calls_lock = threading.Lock()  # gathered vllm calls run in parallel threads
 
     def ready(self) -> dict[str, Any]:
-        """Model facts; answering at all means the model is loaded."""
-        vlm = self._stage.vlm
-        return {"family": vlm.family, "device": str(vlm.device), "batching": self._batching,
-                "engine": vlm.engine.name, "vision_layers": self._vision_layers(vlm)}
-
-    @staticmethod
-    def _vision_layers(vlm: Any) -> int | None:
-        """Attention blocks of the vision tower (bound of ``hiprune_object_layer``)."""
-        try:
-            return len(vlm.adapter.attention_layers(vlm.model))
-        except Exception:  # noqa: BLE001 - an adapter without the notion: no bound checked
-            return None
+        """Model facts (family, device, engine and its capabilities, vision blocks, batching);
+        answering at all means the model is loaded."""
+        return {**self._stage.info(), "batching": self._batching}
 
     def check_health(self) -> None:
-        """Serve's health probe: the model must be present."""
-        if getattr(self._stage, "vlm", None) is None:
+        """Serve's health probe: the model stage must be present."""
+        if getattr(self, "_stage", None) is None:
             raise RuntimeError("model not loaded")
 
     def batch_stats(self) -> dict[str, int]:
@@ -240,8 +230,7 @@ class ModelServer:
 
     async def _in_thread(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        if self._continuous:
-            self._stage.vlm.engine.bind(loop)  # vLLM's async engine lives on this loop
+        self._stage.bind_event_loop(loop)  # an event-loop engine lives on this replica's loop
         return await loop.run_in_executor(self._threads, self._run, rows)
 
     async def infer(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -255,12 +244,11 @@ class ModelServer:
         """One request, its answer streamed from the engine: ``{"delta": text}`` items as
         tokens arrive, then ``{"row": result}`` (the row :meth:`infer` would answer). Engines
         that cannot stream (hf) give the row alone."""
-        if not self._continuous or row.get("error"):
+        if not self._stage.capabilities.streams or row.get("error"):
             yield {"row": await self.infer(row)}
             return
         loop = asyncio.get_running_loop()
-        bridge = self._stage.vlm.engine
-        bridge.bind(loop)
+        self._stage.bind_event_loop(loop)
         batch = rows_to_batch([row])
         try:
             prepared, budget = await loop.run_in_executor(self._threads, self._stage.prepare_one,
@@ -268,9 +256,9 @@ class ModelServer:
         except Exception as exc:  # the stage's own error row, as infer would give it
             yield {"row": batch_to_rows(self._stage.assemble(batch, [exc]))[0]}
             return
-        sample, parts, start = prepared.samples[0], [], time.perf_counter()
+        parts, start = [], time.perf_counter()
         try:
-            async for delta in bridge.engine.stream(sample, budget):
+            async for delta in self._stage.stream(prepared, budget):
                 parts.append(delta)
                 yield {"delta": delta}
         except Exception as exc:  # noqa: BLE001 - reported in the final row, never raised
@@ -341,7 +329,7 @@ class Ingress:
                 self._model_info = await self._model.ready.remote()
             except Exception:  # noqa: BLE001 - not ready: the plain path answers 503
                 return False
-        return self._model_info.get("engine") == "vllm"
+        return bool(self._model_info["capabilities"]["streams"])
 
     async def analyze_stream(self, job: AnalysisJob) -> AsyncIterator[Any]:
         """Answer text deltas as the engine makes them, then the final ``AnalysisResult``.
@@ -351,7 +339,7 @@ class Ingress:
         """
         await self._check_pruning(job)
         row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
-               "volume_bytes": job.volume_bytes, "pruning": job.pruning,
+               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
                "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
         loaded = await self._retry_once(lambda: self._call(self._pre.load, row))
         if loaded["error"]:
@@ -372,7 +360,7 @@ class Ingress:
 
     async def _analyze(self, job: AnalysisJob) -> AnalysisResult:
         row = {"id": job.id, "volume_uri": job.volume_uri, "volume_format": job.volume_format,
-               "volume_bytes": job.volume_bytes, "pruning": job.pruning,
+               "volume_bytes": job.volume_bytes, "pruning": job.pruning.model_dump_json(),
                "prompt": job.prompt, "max_new_tokens": job.max_new_tokens}
         if not job.want_slices:
             # Chain the handles: the loaded row (kept slices) goes from the preprocessing
@@ -388,7 +376,8 @@ class Ingress:
         result = await self._call(self._model.infer, loaded)
         if result["error"]:
             raise self._client_error(result, job)
-        slices, grid = await self._kept_view(loaded["slices"], loaded["slice_indices"], result)
+        encoded = SlicePlan.from_dict(loaded["plan"]).encode
+        slices, grid = await self._kept_view(loaded["slices"], encoded, result)
         return AnalysisResult(row=result, slices=slices, token_grid=grid)
 
     def _client_error(self, row: dict[str, Any], job: AnalysisJob) -> ApiError:

@@ -1,8 +1,9 @@
 """Test-suite wide settings: Ray environment, GPU skipping, quiet dependencies.
 
-Tiers (see STYLE.md): pure unit tests need nothing; stage tests build tiny models and data in
-temporary directories; integration tests share one local Ray instance per module and start
-their own servers (SeaweedFS, Ray Serve) on 127.0.0.1, stopping them afterwards.
+Tiers: pure unit tests need nothing; stage tests build tiny models and data in temporary
+directories; integration tests share one local Ray instance per module and start their own
+servers (SeaweedFS, Ray Serve) on 127.0.0.1, stopping them afterwards. Helpers the tests share
+live in :mod:`tests.helpers`; conftests hold fixtures only.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from pipeline.synthetic.ct import make_phantom
 from pruning import PruningConfig
 from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.engines.hf import HFEngine
-from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine
+from pruning.runtime.engines.vllm_async import AsyncVLLMEngine
+from pruning.runtime.sequence import Sample
 from pruning.runtime.vlm import load_vlm
 
 PROMPTS = ("Is there a lesion?", "Which organ contains the lesion?",
@@ -172,8 +173,6 @@ def handoff(samples_by_model: dict[str, list], repeats: int = 5) -> list[tuple[s
     """
     import ray
     import torch
-
-    from pruning.runtime.sequence import Sample
 
     @ray.remote(num_cpus=0)
     class Receiver:

@@ -24,9 +24,10 @@ import numpy as np
 
 from pipeline.config import EvalConfig, parse_config
 from pipeline.datasets.records import read_records
-from pipeline.graph import expand_rows, run_evaluation, stage_specs
-from pipeline.stages import InferStage, LoadStage, ScoreStage, check_columns, resolve_model
+from pipeline.graph import StageSpec, expand_rows, run_evaluation, stage_specs
+from pipeline.stages import InferStage, check_columns, resolve_model
 from pipeline.synthetic.datasets import make_dataset
+from pruning.methods import SlicePlan
 
 MODEL = "tiny:qwen2_5_vl"
 
@@ -42,10 +43,12 @@ class FixedCostModel:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(batch, self.required_columns, "FixedCostModel")
         time.sleep(self.cost_s * n)
-        out = {k: v for k, v in batch.items() if k != "slices"}
-        kept = np.asarray([len(ix) for ix in batch["slice_indices"]], dtype=np.int64)
+        out = {k: v for k, v in batch.items() if k not in ("slices", "plan")}
+        plans = [SlicePlan.from_dict(plan) for plan in batch["plan"]]
+        kept = np.asarray([plan.encode.size for plan in plans], dtype=np.int64)
+        total = np.asarray([plan.total for plan in plans], dtype=np.int64)
         out.update(prediction=np.asarray(["A"] * n, dtype=object), slices_kept=kept,
-                   tokens_total=np.asarray(batch["slices_total"], np.int64) * 16,
+                   slices_total=total, tokens_total=total * 16,
                    tokens_after_iaf=kept * 16, tokens_kept=kept * 8, infer_pid=np.full(n, os.getpid()))
         out["r_rate"] = out["tokens_kept"] / np.maximum(out["tokens_total"], 1)
         return out
@@ -56,7 +59,7 @@ def make_config(root: Path, manifest: str, name: str, *, methods: int = 1, **ext
     data: dict[str, Any] = {
         "output": str(root / name), "cache_dir": str(root / "cache"),
         "dataset": {"uri": manifest, "format": "jsonl"}, "model": MODEL,
-        "methods": [{"name": f"medpruner{i}", "method": "medpruner", "seed": i} for i in range(methods)],
+        "methods": [{"name": f"medpruner{i}", "method": "medpruner"} for i in range(methods)],
         "run": {"resume": False, "progress_interval_s": 3600, "flush_rows": 10_000},
         "stages": {"load": {"num_cpus": 0.5, "max_actors": 1, "batch_size": 2},
                    "infer": {"num_cpus": 1, "batch_size": 2},
@@ -74,9 +77,8 @@ def run_loop(config: EvalConfig) -> tuple[float, float, int]:
     torch.set_num_threads(max(1, int(config.stages.infer.num_cpus)))
     rows = expand_rows(config, read_records(config.dataset.uri, "jsonl"))
     started = time.perf_counter()
-    specs = stage_specs(config)  # the job's own stage arguments, run in this process
-    load, infer = LoadStage(**specs["load"][1]), InferStage(**specs["infer"][1])
-    score = ScoreStage(**specs["score"][1])
+    specs = stage_specs(config)  # the job's own stages, run in this process
+    load, infer, score = (specs[name].build() for name in ("load", "infer", "score"))
     setup = time.perf_counter() - started
     size = config.stages.infer.batch_size
     started = time.perf_counter()
@@ -103,7 +105,7 @@ def timed(stage: type) -> type:
     return Timed
 
 
-def run_ray(config: EvalConfig, infer: tuple[type, dict[str, Any]]) -> tuple[float, float, int]:
+def run_ray(config: EvalConfig, infer: StageSpec) -> tuple[float, float, int]:
     """(wall s, model-stage rows/s, rows) of the Ray Data graph on the connected cluster.
 
     The rate counts rows over the span in which the model stage was working (first batch in
@@ -118,9 +120,8 @@ def run_ray(config: EvalConfig, infer: tuple[type, dict[str, Any]]) -> tuple[flo
                          strict=True))
 
     started = time.perf_counter()
-    stage, kwargs = infer
-    result = run_evaluation(config, stages={"infer": (timed(stage), kwargs)}, log=lambda _: None,
-                            on_batch=record)
+    result = run_evaluation(config, stages={"infer": infer.replace(stage=timed(infer.stage))},
+                            log=lambda _: None, on_batch=record)
     wall = time.perf_counter() - started
     assert result.errors == 0, result.summary
     span = max(e for _, e in spans) - min(b for b, _ in spans)
@@ -157,7 +158,7 @@ def cpu_stage_capacity(config: EvalConfig, load_actors: int) -> float:
     """Rows/s the load stage sustains with ``load_actors`` single-core actors (measured here)."""
 
     rows = expand_rows(config, read_records(config.dataset.uri, "jsonl"))[:16]
-    load = LoadStage(**stage_specs(config)["load"][1])
+    load = stage_specs(config)["load"].build()
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     load(batch)
     started = time.perf_counter()
@@ -188,7 +189,8 @@ def part_scaling(root: Path, manifest: str, cost: float, methods: int) -> None:
             config = make_config(root, manifest, f"scale{actors}", methods=methods, stages={
                 **stages, "infer": {"num_cpus": 0.1, "num_gpus": 1, "min_actors": actors,
                                     "max_actors": actors, "batch_size": 2}})
-            wall, steady, rows = run_ray(config, (FixedCostModel, {"cost_s": cost}))
+            stand_in = StageSpec(FixedCostModel, {"cost_s": cost}, config.stages.infer)
+            wall, steady, rows = run_ray(config, stand_in)
             results.append((actors, wall, steady, rows))
     finally:
         ray.shutdown()

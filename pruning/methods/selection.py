@@ -4,8 +4,9 @@ with the small helpers every token rule uses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,32 @@ class SlicePlan:
     def slices_kept(self) -> int:
         """Slices that count as kept (IAF's choice under the reference profile)."""
         return int(self.encode.size if self.iaf_kept is None else self.iaf_kept.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain values of one fixed shape (a table's struct column): ``encode``
+        int64, ``total``, ``iaf_kept`` bool (empty when there is no mask)."""
+        mask = np.zeros(0, dtype=bool) if self.iaf_kept is None else self.iaf_kept
+        return {"encode": self.encode, "total": int(self.total), "iaf_kept": mask}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> SlicePlan:
+        """The plan :meth:`to_dict` gave (its arrays may come back as lists).
+
+        Raises:
+            ValueError: not a plan (missing fields, or fields that make no plan).
+        """
+        try:
+            encode, total, mask = value["encode"], value["total"], value.get("iaf_kept")
+        except (KeyError, TypeError):
+            raise ValueError(f"not a slice plan: {value!r:.200}") from None
+        mask = None if mask is None or len(mask) == 0 else np.asarray(mask, dtype=bool)
+        return cls(encode=np.asarray(encode, dtype=np.int64), total=int(total), iaf_kept=mask)
+
+    @classmethod
+    def empty(cls) -> dict[str, Any]:
+        """:meth:`to_dict`'s shape for a row that has no plan (it failed before one was made)."""
+        return {"encode": np.zeros(0, dtype=np.int64), "total": 0,
+                "iaf_kept": np.zeros(0, dtype=bool)}
 
 
 @dataclass(frozen=True)

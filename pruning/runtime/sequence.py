@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from pruning.methods.base import PruningConfig
 from pruning.methods.selection import Encoded, SlicePlan, TokenContext
 from pruning.ops.accounting import PruneStats
-from pruning.runtime.adapters.base import synchronize
+from pruning.runtime.adapters.base import Adapter, synchronize
+from pruning.runtime.recipe import SliceRecipe
+
+
+class ModelParts(Protocol):
+    """What building pruned samples (and the ``hf`` engine) read of a loaded model: the parts
+    :class:`pruning.runtime.vlm.VLM` holds."""
+
+    model: nn.Module  # the transformers model (language model on ``meta`` when an engine owns it)
+    processor: Any  # the checkpoint's processor (tokenizer, chat template)
+    adapter: Adapter
+    recipe: SliceRecipe
+    device: torch.device  # where the vision modules run
+    family: str
+    lut: torch.Tensor  # (3, 256) float32 normalisation table on ``device``
 
 
 @dataclass
@@ -36,7 +51,7 @@ class Sample:
     token_grid: tuple[int, int]  # LLM tokens per slice as rows x cols
 
 
-def token_pixels(vlm, slices_u8: np.ndarray) -> torch.Tensor:
+def token_pixels(vlm: ModelParts, slices_u8: np.ndarray) -> torch.Tensor:
     """(n, K, F) processor-normalised pixels under each LLM token (Hulu-L1's input)."""
     slices = torch.from_numpy(slices_u8).to(vlm.device).permute(0, 3, 1, 2).long()  # (n, 3, h, w)
     channel = torch.arange(3, device=vlm.device).view(1, 3, 1, 1)
@@ -47,7 +62,7 @@ def token_pixels(vlm, slices_u8: np.ndarray) -> torch.Tensor:
     return blocks.reshape(n, rows * cols, -1)
 
 
-def render_prompt(vlm, numbers: list[int], prompt: str, tokens_per_slice: int) -> torch.Tensor:
+def render_prompt(vlm: ModelParts, numbers: list[int], prompt: str, tokens_per_slice: int) -> torch.Tensor:
     """Token ids (L,) of the full prompt with every slice's K placeholders."""
     adapter, processor = vlm.adapter, vlm.processor
     messages = [{"role": "user", "content": adapter.message_content(numbers, prompt)}]
@@ -57,7 +72,7 @@ def render_prompt(vlm, numbers: list[int], prompt: str, tokens_per_slice: int) -
     return ids[0].to(vlm.device)
 
 
-def build_sample(vlm, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: Encoded,
+def build_sample(vlm: ModelParts, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: Encoded,
                  pruning: PruningConfig) -> tuple[Sample, float]:
     """Select tokens of one volume (the method's token rule) and gather its pruned LM input.
 
@@ -113,7 +128,7 @@ def build_sample(vlm, plan: SlicePlan, slices_u8: np.ndarray, prompt: str, enc: 
     return sample, select_seconds
 
 
-def build_batch(vlm, samples: list[Sample]) -> dict[str, Any]:
+def build_batch(vlm: ModelParts, samples: list[Sample]) -> dict[str, Any]:
     """Left-pad samples into model kwargs for ``forward`` / ``generate``."""
     pad_id = vlm.processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else int(pad_id)

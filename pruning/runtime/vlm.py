@@ -21,6 +21,7 @@ volume, ``VLM.generate_batch`` several (left padding; greedy output equals one-b
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from pruning.ops.accounting import PruneStats
 from pruning.runtime.adapters import create_adapter, family_for_config
 from pruning.runtime.adapters.base import Adapter, synchronize
 from pruning.runtime.checkpoints import resolve_checkpoint
-from pruning.runtime.engines import resolve_engine
+from pruning.runtime.engines import Engine, EngineOutput, engine_class
 from pruning.runtime.engines.hf import HFEngine
 from pruning.runtime.recipe import (
     SliceRecipe,
@@ -45,7 +46,7 @@ from pruning.runtime.recipe import (
     recipe_from_configs,
     video_processor_config,
 )
-from pruning.runtime.sequence import Sample, build_batch, build_sample
+from pruning.runtime.sequence import ModelParts, Sample, build_batch, build_sample
 
 # Per-sample timings the model side reports, and with the slice stage's, all of them.
 MODEL_TIMING_KEYS = ("t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s")
@@ -63,6 +64,12 @@ class Generation:
     kept_tokens: list[list[int]]  # per kept slice, kept LLM-token indices (raster order)
     token_grid: tuple[int, int]  # LLM tokens per slice as rows x cols
 
+    @classmethod
+    def from_sample(cls, sample: Sample, text: str, timings: dict[str, float]) -> Generation:
+        """The generation of one pruned ``sample`` whose answer is ``text``."""
+        return cls(text=text, stats=sample.stats, timings=timings, kept_slices=sample.kept_slices,
+                   kept_tokens=sample.kept_tokens, token_grid=sample.token_grid)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (stats flattened through ``PruneStats.to_dict``)."""
         return {"text": self.text, "stats": self.stats.to_dict(), "timings": dict(self.timings),
@@ -75,27 +82,38 @@ class Prepared:
     """A batch ready for the language model: per-sample pruned inputs and timings."""
 
     samples: list[Sample]
-    timings: list[dict[str, float]]
-    vlm: Any = field(repr=False)
+    timings: list[dict[str, float]]  # per sample: t_iaf_s, t_vision_s, t_select_s
+    parts: ModelParts = field(repr=False)
 
     @cached_property
     def inputs(self) -> dict[str, Any]:
         """The ``hf`` model kwargs (left-padded ids, mask, positions, features)."""
-        return build_batch(self.vlm, self.samples)
+        return build_batch(self.parts, self.samples)
+
+    def finish(self, output: EngineOutput) -> list[Generation]:
+        """One Generation per sample from an engine's answers; the call's prefill and decode
+        seconds are shared evenly over the samples (NaN prefill: the engine cannot tell)."""
+        share = len(self.samples)
+        return [Generation.from_sample(sample, text, {
+                    **timing, "t_prefill_s": output.t_prefill / share,
+                    "t_decode_s": output.t_decode / share})
+                for sample, timing, text in zip(self.samples, self.timings, output.texts,
+                                                 strict=True)]
 
 
 class VLM:
     """A loaded model + processor + family adapter; see the module docstring."""
 
-    def __init__(self, model, processor, adapter: Adapter, recipe: SliceRecipe, *, name: str,
-                 vision_batch_size: int = 32, engine: Any = None):
+    def __init__(self, model: torch.nn.Module, processor: Any, adapter: Adapter,
+                 recipe: SliceRecipe, *, name: str, vision_batch_size: int = 32,
+                 engine: Engine | None = None):
         self.model, self.processor, self.adapter, self.recipe = model, processor, adapter, recipe
         self.name, self.family = name, adapter.family
         # The vision tower's device (with the ``vllm`` engine the language model is not loaded).
         self.device = next(adapter.attention_layers(model)[0].parameters()).device
         self.vision_batch_size = vision_batch_size
         self.lut = torch.from_numpy(recipe.lut()).to(self.device)  # (3, 256) float32
-        self.engine = engine if engine is not None else HFEngine(self)
+        self.engine: Engine = engine if engine is not None else HFEngine(self)
         # The tower is shared by the threads of a server: attention capture swaps its attention
         # function, so one volume batch at a time goes through it (engines lock themselves).
         self._vision_lock = threading.Lock()
@@ -132,16 +150,8 @@ class VLM:
         """
         prepared = self.prepare_batch(volumes, prompts, pruning=pruning, modality=modality,
                                       plans=plans)
-        result = self.engine.generate(prepared.samples, max_new_tokens, min_new_tokens)
-        share = len(prepared.samples)
-        out = []
-        for sample, timing, text in zip(prepared.samples, prepared.timings, result.texts,
-                                        strict=True):
-            timing.update(t_prefill_s=result.t_prefill / share, t_decode_s=result.t_decode / share)
-            out.append(Generation(text=text, stats=sample.stats, timings=timing,
-                                  kept_slices=sample.kept_slices, kept_tokens=sample.kept_tokens,
-                                  token_grid=sample.token_grid))
-        return out
+        return prepared.finish(self.engine.generate(prepared.samples, max_new_tokens,
+                                                    min_new_tokens))
 
     @torch.inference_mode()
     def logits(self, prepared: Prepared) -> torch.Tensor:
@@ -174,7 +184,7 @@ class VLM:
             samples.append(sample)
             timings.append({"t_iaf_s": t_iaf, "t_vision_s": t_vision / share,
                             "t_select_s": t_select + t_capture / share})
-        return Prepared(samples=samples, timings=timings, vlm=self)
+        return Prepared(samples=samples, timings=timings, parts=self)
 
     def _slice_stage(self, i: int, volume, prompt, pruning: PruningConfig, modality: str,
                      plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, str, float]:
@@ -281,38 +291,35 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
         vision_batch_size: slices per vision-tower call (bounds activation memory).
         cache_dir: where ``tiny:`` checkpoints are built.
         engine: ``hf`` (transformers ``generate``), ``vllm`` (vLLM runs the language model;
-            only the vision tower is kept here) or ``auto`` (see
+            only the vision modules are kept here) or ``auto`` (see
             :func:`pruning.runtime.engines.resolve_engine`).
-        engine_options: keyword arguments of the ``vllm`` engine (e.g. ``max_num_seqs``).
-        serving: with ``vllm``, run vLLM's async engine for a server's event loop
-            (:class:`~pruning.runtime.engines.vllm_engine.LoopBridge`) instead of ``vllm.LLM``.
+        engine_options: keyword arguments of the engine (e.g. vllm's ``max_num_seqs``).
+        serving: build the engine a server drives from its event loop (streams, batches
+            concurrent requests continuously) where the engine has one.
 
     Raises:
         FileNotFoundError: the checkpoint is not available locally.
-        ValueError: the checkpoint's architecture is not supported (lists the supported ones).
+        ValueError: the checkpoint's architecture is not supported (lists the supported ones),
+            or the engine cannot run its family exactly (names what it runs).
     """
-    import json
-
     ckpt = resolve_checkpoint(model, cache_dir=cache_dir)
     config = json.loads((ckpt / "config.json").read_text())
     family = family_for_config(config)
-    engine = resolve_engine(engine)
-    if engine == "vllm":
-        # Imported here: vLLM is an optional extra and takes seconds to import.
-        from pruning.runtime.engines.vllm_engine import check_supported
-
-        check_supported(family)  # before any weight is loaded
+    engine_cls = engine_class(engine, serving=serving)
+    capabilities = engine_cls.capabilities
+    capabilities.check_family(engine_cls.name, family)  # before any weight is loaded
     adapter = create_adapter(family)
     dev = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    # With vllm the language model is loaded on the CPU only to be dropped before the tower
-    # moves to the device: the device never holds a second copy of it.
-    net = adapter.load_model(ckpt, device=torch.device("cpu") if engine == "vllm" else dev,
-                             dtype=dtype, attn_implementation=attn_implementation or _attn_for(dev))
-    if engine == "vllm":
+    # When the engine owns the language model, ours is loaded on the CPU only to be dropped
+    # before the vision modules move to the device: the device never holds a second copy.
+    owned = capabilities.owns_language_model
+    net = adapter.load_model(ckpt, device=torch.device("cpu") if owned else dev, dtype=dtype,
+                             attn_implementation=attn_implementation or _attn_for(dev))
+    if owned:
         adapter.drop_language_model(net)
         for module in adapter.vision_modules(net):
             module.to(dev)
@@ -323,11 +330,5 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
                                  window=window, rgb_packing=rgb_packing)
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
     vlm = VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)
-    if engine == "vllm":
-        from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine, LoopBridge, VLLMEngine
-
-        if serving:
-            vlm.engine = LoopBridge(AsyncVLLMEngine(ckpt, dtype=dtype, **(engine_options or {})))
-        else:
-            vlm.engine = VLLMEngine(ckpt, dtype=dtype, **(engine_options or {}))
+    vlm.engine = engine_cls.create(vlm, ckpt, dtype=dtype, options=engine_options)
     return vlm

@@ -12,7 +12,7 @@ import pytest
 from jobs import cli, report, sweep
 from pipeline.config import ConfigError, EvalConfig, apply_overrides, load_config
 from pipeline.io.results import coerce_results, write_results
-from tests.jobs.helpers import REPO, ray_env
+from tests.helpers.cluster import REPO, ray_env
 
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 

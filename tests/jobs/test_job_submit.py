@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from tests.jobs.helpers import REPO, free_port, ray_env
+from tests.helpers.cluster import REPO, free_port, ray_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.graph import run_evaluation
-from tests.jobs.helpers import (
+from tests.helpers.cluster import (
     configure_ray_data,
     manifest_with_corrupt_volume,
     ray_env,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.jobs.helpers import REPO, ray_env
+from tests.helpers.cluster import REPO, ray_env
 
 REFERENCE = {"method": "medpruner", "profile": "reference", "tau": 0.9, "gamma": 0.05,
              "temperature": 2.0}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.io.storage import StorageOptions
-from tests.s3_server import S3Server, start_s3_server, weed_binary
+from tests.helpers.s3 import S3Server, start_s3_server, weed_binary
 
 # Registry failures that mean "cannot reach the package index", as opposed to a broken command.
 _UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution", "Max retries exceeded",

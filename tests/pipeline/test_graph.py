@@ -27,18 +27,13 @@ from pipeline.graph import (
 from pipeline.io.results import RESULT_COLUMNS, coerce_results, merge_results
 from pipeline.metrics.summary import summarize_results, summary_markdown
 from pipeline.progress import Progress
-from tests.jobs.helpers import (
+from tests.helpers.cluster import (
+    DESIGN_COLUMNS,
     crash_once_infer_stage,
     manifest_with_corrupt_volume,
     small_config,
     start_local_ray,
 )
-
-DESIGN_COLUMNS = (
-    "id, dataset, model, method, task, category, question, answer, prediction, correct, bleu1, "
-    "bleu4, rouge1, rougeL, meteor, slices_total, slices_kept, tokens_total, tokens_kept, r_rate, "
-    "t_load_s, t_iaf_s, t_vision_s, t_prefill_s, t_decode_s, t_total_s, error"
-).split(", ")
 
 
 class Interrupted(Exception):
@@ -67,7 +62,9 @@ def test_expand_rows_is_method_major_with_prompts(data: dict[str, str]) -> None:
     assert len(rows) == 2 * len(records)
     assert [r["method"] for r in rows] == ["original"] * len(records) + ["medpruner"] * len(records)
     assert rows[0]["prompt"] and rows[0]["model"] == "tiny:qwen2_5_vl"
-    assert rows[-1]["pruning"] == "medpruner"  # a reference to the method, not its config
+    # the method's label and its full configuration, as the results table stores them
+    assert rows[-1]["pruning"] == config.methods[1].pruning.model_dump_json()
+    assert json.loads(rows[-1]["pruning"])["tau"] == 0.9
     twice = expand_rows(config, [records[0], records[0]])
     assert [r["id"] for r in twice[:2]] == [records[0].id, f"{records[0].id}~1"]
 
@@ -209,8 +206,9 @@ def test_local_run_survives_a_killed_model_actor_and_a_corrupt_volume(
     row per method; results, summary and progress as specified."""
     config = _config(data, "local", stages={"infer": {"num_cpus": 1, "batch_size": 1}})
     marker = Path(data["root"], "crashed.pid")
-    _, kwargs = stage_specs(config)["infer"]
-    crashing = (crash_once_infer_stage(), {**kwargs, "crash_marker": str(marker)})
+    infer = stage_specs(config)["infer"]
+    crashing = infer.replace(stage=crash_once_infer_stage(),
+                             kwargs={**infer.kwargs, "crash_marker": str(marker)})
     lines: list[str] = []
     result = run_evaluation(config, log=lines.append, stages={"infer": crashing})
     assert marker.exists()  # the model actor really was killed

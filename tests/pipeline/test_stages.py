@@ -12,11 +12,12 @@ import pytest
 from pipeline.stages import InferStage, LoadStage, ScoreStage, resolve_model
 from pipeline.synthetic.ct import make_phantom
 from pruning import PruningConfig
+from pruning.methods import SlicePlan
 
 MODEL = "tiny:qwen2_5_vl"
-ORIGINAL, MEDPRUNER = "original", "medpruner"  # rows name their method
-METHODS = {ORIGINAL: PruningConfig(method="original"),
-           MEDPRUNER: PruningConfig(method="medpruner", tau=0.9, gamma=0.05)}
+# Rows carry their pruning configuration as JSON.
+ORIGINAL = PruningConfig(method="original").model_dump_json()
+MEDPRUNER = PruningConfig(method="medpruner", tau=0.9, gamma=0.05).model_dump_json()
 PROMPT = "Which organ holds the lesion?\nA. liver\nB. spleen\nAnswer with the option's letter."
 
 
@@ -41,12 +42,12 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def load(cache: str) -> LoadStage:
-    return LoadStage(MODEL, cache_dir=cache, methods=METHODS)
+    return LoadStage(MODEL, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
 def infer(cache: str) -> InferStage:
-    return InferStage(MODEL, cache_dir=cache, max_new_tokens=3, methods=METHODS)
+    return InferStage(MODEL, cache_dir=cache, max_new_tokens=3)
 
 
 def _batch(uris: list[str], prunings: list[str], **extra: list) -> dict[str, np.ndarray]:
@@ -79,23 +80,26 @@ def test_load_stage_emits_only_kept_uint8_slices(load: LoadStage, volumes: dict[
     assert list(out["id"]) == ["r0", "r1"] and list(out["error"]) == ["", ""]
     full, pruned = out["slices"]
     assert full.dtype == np.uint8 and full.shape == (12, h, w, 3)
-    assert list(out["slice_indices"][0]) == list(range(12))
+    plans = [SlicePlan.from_dict(plan) for plan in out["plan"]]  # one typed value per row
+    assert list(plans[0].encode) == list(range(12))
     assert 1 <= pruned.shape[0] <= 12 and pruned.shape[1:] == (h, w, 3)
-    kept = out["slice_indices"][1]
+    kept = plans[1].encode
     assert kept.dtype == np.int64 and list(kept) == sorted(set(kept)) and len(kept) == pruned.shape[0]
     np.testing.assert_array_equal(pruned, full[kept])
-    assert list(out["slices_total"]) == [12, 12]
+    assert [plan.total for plan in plans] == [12, 12]
     assert all(t >= 0 for t in out["t_load_s"]) and all(t >= 0 for t in out["t_iaf_s"])
-    assert [len(m) for m in out["iaf_kept"]] == [0, 0]  # no masked slices under 'paper'
+    assert [plan.iaf_kept for plan in plans] == [None, None]  # no masked slices under 'paper'
+    assert not {"slice_indices", "slices_total", "iaf_kept"} & set(out)
 
 
-def test_load_stage_knows_its_methods_and_takes_config_objects(
+def test_load_stage_reads_the_rows_config_and_refuses_unknown_methods(
     load: LoadStage, volumes: dict[str, str]
 ) -> None:
-    out = load(_batch([volumes["v0"], volumes["v0"]],
-                      ["fastv", PruningConfig(method="uniform", uniform_slices=3)]))
-    assert "unknown method 'fastv'" in out["error"][0] and "medpruner" in out["error"][0]
-    assert out["error"][1] == "" and list(out["slice_indices"][1]) == [0, 4, 8]
+    uniform = PruningConfig(method="uniform", uniform_slices=3).model_dump_json()
+    out = load(_batch([volumes["v0"], volumes["v0"]], ['{"method": "fastv"}', uniform]))
+    assert out["error"][0].startswith("load: ") and "fastv" in out["error"][0]
+    assert "medpruner" in out["error"][0]  # the valid methods are named
+    assert out["error"][1] == "" and list(SlicePlan.from_dict(out["plan"][1]).encode) == [0, 4, 8]
 
 
 def test_slice_budget_in_the_job_config_reaches_the_load_stage(cache: str, volumes: dict[str, str]) -> None:
@@ -106,9 +110,10 @@ def test_slice_budget_in_the_job_config_reaches_the_load_stage(cache: str, volum
                            "dataset": {"uri": "synthetic", "format": "jsonl"},
                            "methods": [{"name": "budget", "slice_budget": 0.4,
                                         "iaf_distance": "lesion"}]})
-    load = LoadStage(**stage_specs(config)["load"][1])
-    out = load(_batch([volumes["v0"]], ["budget"]))
-    assert out["error"][0] == "" and len(out["slice_indices"][0]) == 5  # round(0.4 x 12)
+    load = stage_specs(config)["load"].build()
+    out = load(_batch([volumes["v0"]], [config.methods[0].pruning.model_dump_json()]))
+    assert out["error"][0] == ""
+    assert len(SlicePlan.from_dict(out["plan"][0]).encode) == 5  # round(0.4 x 12)
 
 
 def test_reference_profile_through_the_stages_equals_generate(
@@ -121,9 +126,10 @@ def test_reference_profile_through_the_stages_equals_generate(
     from pipeline.io.volumes import load_volume
 
     cfg = PruningConfig(method="medpruner", profile="reference", tau=0.5, temperature=0.05)
-    loaded = load(_batch([volumes["v0"]], [cfg]))
-    assert list(loaded["slice_indices"][0]) == list(range(12))
-    mask = loaded["iaf_kept"][0]
+    loaded = load(_batch([volumes["v0"]], [cfg.model_dump_json()]))
+    plan = InferStage.plan(loaded, 0)
+    assert list(plan.encode) == list(range(12))
+    mask = plan.iaf_kept
     assert mask.dtype == bool and 0 < mask.sum() < 12
     out = infer(loaded)
     assert out["error"][0] == ""
@@ -136,7 +142,7 @@ def test_reference_profile_through_the_stages_equals_generate(
     assert int(out["tokens_kept"][0]) == direct.stats.tokens_kept
     # Same prefill logits: the plan the stages made equals the one generate makes.
     staged = infer.vlm.prepare_batch([loaded["slices"][0]], [PROMPT], pruning=cfg,
-                                     plans=[InferStage._plan(loaded, 0)])
+                                     plans=[plan])
     whole = infer.vlm.prepare_batch([volume.array], [PROMPT], pruning=cfg)
     assert torch.equal(infer.vlm.logits(staged), infer.vlm.logits(whole))
 
@@ -187,7 +193,7 @@ def test_infer_stage_generates_with_stats_and_keeps_order(
 
 def test_infer_stage_isolates_a_bad_row(load: LoadStage, infer: InferStage, volumes: dict[str, str]) -> None:
     loaded = load(_batch([volumes["v0"], volumes["v1"]], [ORIGINAL, ORIGINAL]))
-    loaded["slice_indices"][1] = np.arange(99, dtype=np.int64)  # does not match its slices
+    loaded["plan"][1] = SlicePlan(np.arange(99), total=99).to_dict()  # not its slices
     out = infer(loaded)
     assert out["error"][0] == "" and out["error"][1].startswith("infer: ")
 

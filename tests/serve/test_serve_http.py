@@ -16,14 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import (
+from tests.helpers.serving import (
     Served,
+    dicom_bytes,
     gathered_vs_alone,
     loaded_rows,
     npy_bytes,
     phantom_volume,
 )
-from tests.serve.test_security import _dicom_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 QUESTION = {"question": "Which organ has a lesion?", "task": "closed",
@@ -118,11 +118,11 @@ def test_parity_with_evaluation_stages(served):
     r = _post(served, "/v1/analyze", json=_inline(return_kept_tokens=True))
     assert r.status_code == 200, r.text
     body = r.json()
-    pruning = np.empty(1, dtype=object)  # Serve's rows carry the request's config object
-    pruning[0] = PruningConfig.model_validate(body["pruning"])
+    # Serve's rows carry the request's configuration as JSON, as the job's rows do
+    pruning = PruningConfig.model_validate(body["pruning"]).model_dump_json()
     path = served.root / "ct.npy"
     batch = {"id": np.array(["p"], object), "volume_uri": np.array([str(path)], object),
-             "volume_format": np.array(["npy"], object), "pruning": pruning,
+             "volume_format": np.array(["npy"], object), "pruning": np.array([pruning], object),
              "prompt": np.array([build_prompt(QUESTION["question"], "closed",
                                               QUESTION["choices"])], object)}
     loaded = LoadStage(served.model_dir)(batch)
@@ -203,7 +203,7 @@ def test_bad_chat_requests(served):
 def test_dicom_identifiers_never_leave(served):
     import ray
 
-    data = base64.b64encode(_dicom_bytes()[:-20]).decode()  # truncated pixel data
+    data = base64.b64encode(dicom_bytes()[:-20]).decode()  # truncated pixel data
     r = _post(served, "/v1/analyze", json=_inline() | {"volume": {"data": data, "format": "dicom"}})
     assert 400 <= r.status_code < 500, r.text
     for secret in ("Doe", "Jane", "PID-0042", "General Hospital"):

@@ -1,15 +1,37 @@
-"""Generation engines for pruned samples: ``hf`` (transformers ``generate``, the parity
-reference) and ``vllm`` (vLLM runs only the language model, fed the kept embeddings at their
-original positions through this project's out-of-tree model plugin).
+"""Generation engines for pruned samples, behind one factory.
 
-Nothing vLLM is imported eagerly: importing it is slow and it is optional.
+- ``hf``: transformers ``generate`` (the parity reference), :mod:`pruning.runtime.engines.hf`;
+- ``vllm``: vLLM runs only the language model, fed the kept embeddings at their original
+  positions through this project's out-of-tree model plugin: ``vllm.LLM`` for a job
+  (:mod:`~pruning.runtime.engines.vllm_offline`), vLLM's async engine on a server's event loop
+  (:mod:`~pruning.runtime.engines.vllm_async`).
+
+:func:`engine_class` is the one place an engine name becomes a class; what an engine can do is
+its :class:`~pruning.runtime.engines.base.EngineCapabilities` (``capabilities``), read by the
+callers instead of its name. Engine modules are imported on first use and import vLLM only
+when an engine is built: importing it is slow, and it is optional.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
-ENGINES = ("hf", "vllm")
+from pruning.runtime.engines.base import (
+    Engine,
+    EngineCapabilities,
+    EngineOutput,
+    StreamingEngine,
+    check_budget,
+)
+
+# name -> ("module:Class" for a job, "module:Class" for a server's event loop)
+_ENGINES: dict[str, tuple[str, str]] = {
+    "hf": ("pruning.runtime.engines.hf:HFEngine", "pruning.runtime.engines.hf:HFEngine"),
+    "vllm": ("pruning.runtime.engines.vllm_offline:VLLMEngine",
+             "pruning.runtime.engines.vllm_async:LoopBridge"),
+}
+ENGINES = tuple(_ENGINES)
 
 
 def vllm_installed() -> bool:
@@ -18,8 +40,8 @@ def vllm_installed() -> bool:
 
 
 def resolve_engine(name: str) -> str:
-    """``hf`` / ``vllm`` as given; ``auto`` is ``vllm`` when it is installed and a GPU is
-    present, else ``hf``.
+    """An engine name as given; ``auto`` is ``vllm`` when it is installed and a GPU is present,
+    else ``hf``.
 
     Raises:
         ValueError: an unknown engine name (lists the valid ones).
@@ -28,6 +50,30 @@ def resolve_engine(name: str) -> str:
         import torch
 
         return "vllm" if vllm_installed() and torch.cuda.is_available() else "hf"
-    if name not in ENGINES:
+    if name not in _ENGINES:
         raise ValueError(f"unknown engine {name!r}; valid: auto, {', '.join(ENGINES)}")
     return name
+
+
+def engine_class(name: str, *, serving: bool = False) -> type[Engine]:
+    """The engine class of ``name`` (``auto`` resolved): the job's, or with ``serving`` the
+    one a server drives from its event loop. Its ``capabilities`` are known before it is built.
+
+    Raises:
+        ValueError: an unknown engine name (lists the valid ones).
+    """
+    module, _, cls = _ENGINES[resolve_engine(name)][int(serving)].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineCapabilities",
+    "EngineOutput",
+    "StreamingEngine",
+    "check_budget",
+    "engine_class",
+    "resolve_engine",
+    "vllm_installed",
+]

@@ -11,29 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from pruning.runtime.adapters.base import synchronize
-from pruning.runtime.sequence import Sample, build_batch
-
-
-@dataclass(frozen=True)
-class EngineOutput:
-    """Texts of one engine call, in sample order, and the call's wall time split."""
-
-    texts: list[str]
-    t_prefill: float  # seconds to the first logits (NaN when the engine cannot tell)
-    t_decode: float  # seconds after them (the whole call when prefill is NaN)
-
-
-def check_budget(max_new_tokens: int, min_new_tokens: int) -> None:
-    """Raise ValueError unless 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens."""
-    if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-        raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
-                         f"got {max_new_tokens} and {min_new_tokens}")
+from pruning.runtime.engines.base import EngineCapabilities, EngineOutput, check_budget
+from pruning.runtime.sequence import ModelParts, Sample, build_batch
 
 
 class _PrefillClock:
@@ -52,20 +38,36 @@ class _PrefillClock:
 class HFEngine:
     """Greedy ``generate`` of the loaded transformers model, one padded batch per call."""
 
-    name = "hf"
+    name: ClassVar[str] = "hf"
+    capabilities: ClassVar[EngineCapabilities] = EngineCapabilities(
+        streams=False, continuous_batching=False, gathers_vision=True,
+        owns_language_model=False)
 
-    def __init__(self, vlm: Any) -> None:
-        self.vlm = vlm
+    def __init__(self, parts: ModelParts) -> None:
+        self.vlm = parts
         self._lock = threading.Lock()  # one generate at a time on the model
 
-    def generate(self, samples: list[Sample], max_new_tokens: int,
+    @classmethod
+    def create(cls, parts: ModelParts, checkpoint: Path, *, dtype: torch.dtype,
+               options: dict[str, Any] | None = None) -> HFEngine:
+        """The engine over the model ``parts`` already hold (``checkpoint`` and ``dtype`` are
+        theirs; ``hf`` takes no options).
+
+        Raises:
+            ValueError: ``options`` were given (they belong to another engine).
+        """
+        if options:
+            raise ValueError(f"engine 'hf' takes no engine options, got {sorted(options)}")
+        return cls(parts)
+
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int,
                  min_new_tokens: int = 0) -> EngineOutput:
         """Greedy answers for ``samples`` (one left-padded batch)."""
         from transformers import LogitsProcessorList
 
         check_budget(max_new_tokens, min_new_tokens)
         vlm = self.vlm
-        inputs = build_batch(vlm, samples)
+        inputs = build_batch(vlm, list(samples))
         base = vlm.model.generation_config
         config = base.__class__.from_dict(
             {**base.to_dict(), "do_sample": False, "temperature": None, "top_p": None,

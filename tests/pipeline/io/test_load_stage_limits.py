@@ -7,7 +7,6 @@ a store that does not answer becomes, after the stage's own retries, a row with
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,11 @@ from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
 from pipeline.stages import LoadStage, resolve_model
 from pruning import PruningConfig
-from tests.pipeline.io.bombs import MiB, bzip2_nrrd_bomb, gzip_nifti_bomb, png_zip_bomb
+from tests.helpers.bombs import MiB, bzip2_nrrd_bomb, gzip_nifti_bomb, png_zip_bomb
+from tests.helpers.cluster import free_port
 
 MODEL = "tiny:qwen2_5_vl"
-METHODS = {"original": PruningConfig(method="original")}
+ORIGINAL = PruningConfig(method="original").model_dump_json()
 LIMITS = DecodeLimits(max_decoded_bytes=64 * MiB, max_slices=64, max_slice_pixels=512 * 512)
 
 
@@ -38,12 +38,12 @@ def _batch(uris: list[str], formats: list[str], inline: list[bytes] | None = Non
     return {"id": np.asarray([f"r{i}" for i in range(n)], dtype=object),
             "volume_uri": np.asarray(uris, dtype=object),
             "volume_format": np.asarray(formats, dtype=object),
-            "pruning": np.asarray(["original"] * n, dtype=object), "volume_bytes": column}
+            "pruning": np.asarray([ORIGINAL] * n, dtype=object), "volume_bytes": column}
 
 
 def test_inline_and_uri_bombs_become_limit_error_rows(cache: str, tmp_path: Path) -> None:
     # default max_volume_bytes (2 GiB) as in a job: the decode limits are what refuse them
-    stage = LoadStage(MODEL, cache_dir=cache, methods=METHODS, limits=LIMITS)
+    stage = LoadStage(MODEL, cache_dir=cache, limits=LIMITS)
     bombs = [gzip_nifti_bomb(), bzip2_nrrd_bomb(), png_zip_bomb()]
     files = []
     for i, (data, fmt) in enumerate(bombs):
@@ -59,16 +59,14 @@ def test_inline_and_uri_bombs_become_limit_error_rows(cache: str, tmp_path: Path
             assert "VolumeLimitError" in out["error"][i] and "limit" in out["error"][i]
             assert out["error_kind"][i] == "permanent"
     assert by_uri["error"][3] == "" and by_uri["error_kind"][3] == ""
-    assert by_uri["slices_total"][3] == 6
+    assert by_uri["plan"][3]["total"] == 6
 
 
 def test_unreachable_store_gives_transient_rows_after_retries(cache: str) -> None:
-    with socket.socket() as sock:  # a port with nothing listening: connection refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there: connection refused
     storage = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="k", secret="s",
                              retries=0, connect_timeout_s=1, read_timeout_s=1, use_env=False)
-    stage = LoadStage(MODEL, cache_dir=cache, methods=METHODS, storage=storage,
+    stage = LoadStage(MODEL, cache_dir=cache, storage=storage,
                       transient_retries=1, retry_backoff_s=0.01)
     out = stage(_batch(["s3://bucket/a.npy"], [""]))
     assert out["error"][0].startswith("load: ")

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,
@@ -47,7 +47,7 @@ def loop():
 
 @pytest.fixture(scope="module")
 def engine(loop):
-    from pruning.runtime.engines.vllm_engine import AsyncVLLMEngine
+    from pruning.runtime.engines.vllm_async import AsyncVLLMEngine
 
     engine = AsyncVLLMEngine(PHANTOM, max_images=8, max_model_len=2048, kv_cache_gib=0.5)
     engine.run = loop.run_until_complete

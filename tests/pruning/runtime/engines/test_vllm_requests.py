@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruning import PruningConfig
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     PROMPTS,
     drop_slice_tokens,
     make_engine_tiny,
@@ -27,7 +27,7 @@ def vlm(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def layout(vlm):
-    from pruning.runtime.engines.vllm_engine import model_layout
+    from pruning.runtime.engines.vllm_requests import model_layout
 
     return model_layout(vlm.model.name_or_path)
 
@@ -43,8 +43,12 @@ def _expand(request, layout) -> list[int]:
 
 
 def test_request_reproduces_ids_embeds_and_positions(vlm, layout):
-    from pruning.runtime.engines.vllm_engine import KEPT_POSITIONS_KEY, build_request, image_runs
-    from pruning.runtime.engines.vllm_plugin import kept_mrope_positions
+    from pruning.runtime.engines.vllm_requests import (
+        KEPT_POSITIONS_KEY,
+        build_request,
+        image_runs,
+        kept_mrope_positions,
+    )
 
     for sample in vlm.prepare_batch(volumes(), list(PROMPTS), pruning=PRUNE).samples:
         request = build_request(sample, layout)
@@ -67,7 +71,7 @@ def test_request_reproduces_ids_embeds_and_positions(vlm, layout):
 
 
 def test_zero_kept_slice_stays_text_and_moves_its_jump(vlm, layout):
-    from pruning.runtime.engines.vllm_engine import KEPT_POSITIONS_KEY, build_request
+    from pruning.runtime.engines.vllm_requests import KEPT_POSITIONS_KEY, build_request
 
     sample = vlm.prepare_batch(volumes(1), PROMPTS[:1], pruning=PRUNE).samples[0]
     for index in (0, 1, -1):
@@ -82,7 +86,7 @@ def test_zero_kept_slice_stays_text_and_moves_its_jump(vlm, layout):
 
 
 def test_prompt_without_visual_tokens(vlm, layout):
-    from pruning.runtime.engines.vllm_engine import build_request
+    from pruning.runtime.engines.vllm_requests import build_request
 
     sample = vlm.prepare_batch(volumes(1, depth=2), PROMPTS[:1], pruning=PRUNE).samples[0]
     for _ in range(len(sample.kept_slices)):
@@ -96,7 +100,7 @@ def test_prompt_without_visual_tokens(vlm, layout):
 
 
 def test_shapes_are_checked(vlm, layout):
-    from pruning.runtime.engines.vllm_engine import build_request
+    from pruning.runtime.engines.vllm_requests import build_request
 
     sample = vlm.prepare_batch(volumes(1), PROMPTS[:1], pruning=PRUNE).samples[0]
     with pytest.raises(ValueError, match="features"):
@@ -111,16 +115,27 @@ def test_shapes_are_checked(vlm, layout):
 
 
 def test_gemma3_is_refused_with_the_supported_combinations(tmp_path):
-    from pruning.runtime.engines.vllm_engine import model_layout
+    from pruning.runtime.engines import engine_class
+    from pruning.runtime.engines.vllm_requests import model_layout
+    from pruning.runtime.vlm import load_vlm
     from pruning.testing import make_tiny_vlm
 
+    checkpoint = make_tiny_vlm("gemma3", tmp_path / "gemma3")
+    for serving in (False, True):  # both vLLM engines declare the same families
+        capabilities = engine_class("vllm", serving=serving).capabilities
+        assert capabilities.families == ("qwen2_5_vl", "qwen3_vl")
+        with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl.*engine 'hf'"):
+            capabilities.check_family("vllm", "gemma3")
     with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl.*engine 'hf'"):
-        model_layout(make_tiny_vlm("gemma3", tmp_path / "gemma3"))
+        load_vlm(checkpoint, engine="vllm")  # refused before any weight is loaded
+    with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl"):
+        model_layout(checkpoint)
+    assert engine_class("hf").capabilities.families is None  # hf runs every family
 
 
 def test_sampling_bounds_are_checked():
     pytest.importorskip("vllm")
-    from pruning.runtime.engines.vllm_engine import sampling_params
+    from pruning.runtime.engines.vllm_offline import sampling_params
 
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling_params(4, 5)
@@ -131,7 +146,7 @@ def test_sampling_bounds_are_checked():
 def test_prefill_split_runs_to_the_last_first_token():
     from types import SimpleNamespace
 
-    from pruning.runtime.engines.vllm_engine import prefill_split
+    from pruning.runtime.engines.vllm_requests import prefill_split
 
     def stamps(queued, first):
         return SimpleNamespace(queued_ts=queued, scheduled_ts=queued, first_token_ts=first)

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     NEW_TOKENS,
     PROMPTS,
     assert_engine_parity,
@@ -48,7 +48,7 @@ def vlm(checkpoint):
 
 @pytest.fixture(scope="module")
 def engine(family, checkpoint):
-    from pruning.runtime.engines.vllm_engine import VLLMEngine
+    from pruning.runtime.engines.vllm_offline import VLLMEngine
 
     engine = VLLMEngine(checkpoint, max_images=8, max_model_len=1024, kv_cache_gib=0.5,
                         max_num_seqs=8, **ENGINE_OPTIONS[family])

@@ -118,14 +118,14 @@ def start_s3_server(directory: Path, *, bucket: str = "test", timeout: float = 6
         if proc.poll() is not None:
             tail = (directory / "weed.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{tail}")
-        if _bucket_ready(server):
+        if bucket_ready(server):
             return server
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"weed mini not ready after {timeout} s; log in {directory / 'weed.log'}")
 
 
-def _bucket_ready(server: S3Server) -> bool:
+def bucket_ready(server: S3Server) -> bool:
     """True once the S3 port answers and the bucket accepts an authenticated listing."""
     try:
         urllib.request.urlopen(server.endpoint_url, timeout=1).close()

@@ -1,8 +1,12 @@
 """Training-free lesion-finding ideas measured beside the recommended ``lesion`` filter.
 
+``python -m research.lesion_ideas [the lesions benchmark's options]`` (from the repository root)
+runs the lesions benchmark (:mod:`jobs.benchmarks.lesions`) with every idea added after the
+product's filters, as ``idea: <name>`` rows.
+
 Each entry maps ``(uint8 slices, budget) -> kept indices`` through the same ranking as the
-finding filters (:func:`pruning.ops.slice_filters.findings_then_anchors`): findings above a
-threshold best first, then anatomy anchors, then even filling. They are benchmark code, kept
+finding filters (:func:`pruning.ops.iaf_findings.findings_then_anchors`): findings above a
+threshold best first, then anatomy anchors, then even filling. They are an experiment log, kept
 to show what did and did not work on real anatomy (numbers in the README), not options of the
 pruning config. All but the phantom-tower ideas run on the lesion filter's working grid
 (:func:`lesion_grid`).
@@ -10,23 +14,50 @@ pruning config. All but the phantom-tower ideas run on the lesion filter's worki
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import numpy as np
 
+from jobs.benchmarks import lesions
 from pruning.ops.iaf import budget_count
+from pruning.ops.iaf_findings import findings_then_anchors
 from pruning.ops.iaf_lesion import (
-    blob_response,
+    LesionOptions,
     check_blob_options,
     component_scores,
     hessian_blob_response,
     lesion_grid,
 )
-from pruning.ops.slice_filters import findings_then_anchors, select_slices
+from pruning.ops.iaf_transient import TransientOptions
+from pruning.ops.slice_filters import select_slices
+
+_K = 1.6  # ratio of the DoG's two Gaussians (approximates a Laplacian of Gaussian)
 
 
 def _ranked(grid: np.ndarray, scores: np.ndarray, threshold: float, budget: float) -> np.ndarray:
-    return np.asarray(findings_then_anchors(grid, scores, threshold, budget_count(budget, len(grid))))
+    return findings_then_anchors(grid, scores, threshold, budget_count(budget, len(grid)))
+
+
+def blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
+    """Signed in-plane DoG response, the largest magnitude over three scales; (D, h, w).
+
+    A DoG also answers at edges and along ridges (outlines, in-plane vessels); see
+    :func:`pruning.ops.iaf_lesion.hessian_blob_response` for the blob-only measure the filter
+    uses.
+    """
+    from scipy import ndimage
+
+    # a disc of diameter d answers best at sigma ~ d / (2 * sqrt(2))
+    sigmas = np.geomspace(min_size, max_size, 3) / (2 * math.sqrt(2))
+    best = np.zeros_like(grid)
+    for s in sigmas:
+        small = ndimage.gaussian_filter(grid, (0, s, s), truncate=2.5)
+        large = ndimage.gaussian_filter(grid, (0, _K * s, _K * s), truncate=2.5)
+        dog = small - large
+        np.copyto(best, dog, where=np.abs(dog) > np.abs(best))
+    return best
 
 
 def dog_unbounded(slices: np.ndarray, budget: float) -> np.ndarray:
@@ -76,13 +107,14 @@ def z_residual(slices: np.ndarray, budget: float, half: int = 5) -> np.ndarray:
 def single_level(slices: np.ndarray, budget: float) -> np.ndarray:
     """The lesion filter before votes: compact blobs at one threshold (0.02), slices ranked
     by the blob's peak. Which lesions survive flips with the threshold, scan by scan."""
-    return select_slices(slices, 0.05, distance="lesion", lesion_levels=1, lesion_threshold=0.02,
-                         budget=budget)
+    options = LesionOptions(iaf_lesion_levels=1, iaf_lesion_threshold=0.02)
+    return select_slices(slices, 0.05, distance="lesion", options=options, budget=budget)
 
 
 def finer_grid(slices: np.ndarray, budget: float) -> np.ndarray:
     """The lesion filter on a 126-px working grid instead of 84 px (same grid-pixel scales)."""
-    return select_slices(slices, 0.05, distance="lesion", lesion_max_side=128, budget=budget)
+    options = LesionOptions(iaf_lesion_max_side=128)
+    return select_slices(slices, 0.05, distance="lesion", options=options, budget=budget)
 
 
 def through_plane_novelty(response: np.ndarray, reach: int = 8, link: int = 1) -> np.ndarray:
@@ -149,9 +181,8 @@ def asymmetry(slices: np.ndarray, budget: float, link: int = 1) -> np.ndarray:
 
 def transient_real_ct(slices: np.ndarray, budget: float) -> np.ndarray:
     """The transient filter with the larger findings the README suggested for real CT."""
-
-    return select_slices(slices, 0.05, distance="transient", shift=3, finding_size=4,
-                         budget=budget)
+    options = TransientOptions(iaf_shift=3, iaf_finding_size=4)
+    return select_slices(slices, 0.05, distance="transient", options=options, budget=budget)
 
 
 def run_length_scores(
@@ -335,3 +366,21 @@ IDEAS = {
     "phantom-tower attention peak, 64 px, minus its z-median (8 either side)":
         lambda v, b: tower_attention_peak(v, b, contrast=8),
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The lesions benchmark with every idea added (rows ``idea: <name>``).
+
+    Args:
+        argv: the lesions benchmark's options (None: ``sys.argv[1:]``); ``--filters`` picks
+            rows by name, ``--quick`` keeps only the product's first four filters.
+
+    Returns:
+        The benchmark's exit status.
+    """
+    extra = {f"idea: {name}": fn for name, fn in IDEAS.items()}
+    return lesions.main(sys.argv[1:] if argv is None else argv, extra=extra)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Shared helpers of the Ray-side pipeline and job tests: one local Ray, small configs, data."""
+"""Shared helpers of the Ray-side tests: environment, one local Ray, small job configs, data,
+an actor that crashes once, free ports."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import Any
 from pipeline.config import EvalConfig, parse_config
 
 MODEL = "tiny:qwen2_5_vl"
+# The result columns every results table must have (the README's list).
+DESIGN_COLUMNS = (
+    "id, dataset, model, method, task, category, question, answer, prediction, correct, bleu1, "
+    "bleu4, rouge1, rougeL, meteor, slices_total, slices_kept, tokens_total, tokens_kept, r_rate, "
+    "t_load_s, t_iaf_s, t_vision_s, t_prefill_s, t_decode_s, t_total_s, error"
+).split(", ")
 REPO = Path(__file__).resolve().parents[2]
 # Small pools with fractional CPUs so three stages and the read tasks fit a 2-core machine.
 SMALL_STAGES = {
@@ -39,7 +46,8 @@ def start_local_ray(num_cpus: int = 4) -> None:
 
 
 def configure_ray_data() -> None:
-    """Fail instead of silently pickling tensor columns (see spec/tooling.md)."""
+    """Fail instead of silently pickling tensor columns: an empty output batch would otherwise
+    make Ray fall back to pickled objects (a warning only)."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = False
