@@ -37,12 +37,12 @@ from pruning.ops.nucleus import nucleus_mask
 from pruning.ops.slice_filters import FilterName, select_slices, slice_filter
 
 # DINS softmax temperature per model family (reference configuration: T = 2 for Qwen3-VL and
-# MedGemma/Gemma3, T = 1 for Hulu-Med; Qwen2.5-VL follows Hulu-Med, whose encoder it shares).
+# MedGemma/Gemma3, T = 1 for Hulu-Med; the reference code prunes no Qwen2.5-VL: 1, as Hulu-Med).
 FAMILY_TEMPERATURES: dict[str, float] = {
     "qwen3_vl": 2.0,
     "gemma3": 2.0,
     "qwen2_5_vl": 1.0,
-    "hulu": 1.0,
+    "hulu_med": 1.0,
 }
 
 
