@@ -270,6 +270,8 @@ def _phantom_vlm():
     if "vlm" not in _PHANTOM:
         import torch
 
+        # Imported here: only the tower-attention idea needs the model runtime (transformers);
+        # the other ideas run on numpy and scipy alone.
         from pruning.runtime.vlm import load_vlm
 
         torch.set_num_threads(2)
@@ -299,7 +301,7 @@ def tower_attention(low: np.ndarray) -> np.ndarray:
     :func:`pruning.ops.attention.attention_received`): the scores MedPruner's DINS reads."""
     import torch
 
-    from pruning.methods.selection import Capture
+    from pruning.methods.selection import Capture  # the runtime's types: see _phantom_vlm
 
     vlm = _phantom_vlm()
     rgb = torch.from_numpy(np.ascontiguousarray(low))[..., None].expand(-1, -1, -1, 3)

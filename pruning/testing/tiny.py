@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pruning.runtime.conversion import native_processor_config
+from pruning.runtime.conversion.configs import CHAT_TEMPLATE
 from pruning.testing.tokenizers import (
     CHAT_TEMPLATES,
     QWEN_SPECIALS,
@@ -216,9 +218,6 @@ def _gemma_parts(family, size, image_size, patch_size, text_over, vision_over, p
 def _hulu_med_parts(family, size, image_size, patch_size, text_over, vision_over, proc_over,
                     overrides) -> _Parts:
     import transformers
-
-    from pruning.runtime.adapters.hulu_med import CHAT_TEMPLATE
-    from pruning.runtime.conversion import native_processor_config
 
     tok = hulu_med_tokenizer()
     cfg, proc_kw = _hulu_med_configs(size, tok, image_size, patch_size, text_over, vision_over)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from pruning.runtime.conversion.configs import IMAGE_TOKEN
+
 CORPUS = (
     "Findings: the liver shows a hypodense lesion in segment four. Impression: likely cyst.",
     "No acute abnormality. The kidneys, spleen and pancreas are normal in size.",
@@ -123,8 +125,6 @@ def hulu_med_tokenizer():
     """A Qwen2 tokenizer as Hulu-Med ships it: the Qwen-VL special tokens plus ``<image>``, named
     as the tokenizer's ``image_token`` (what the native VideoLLaMA3 processor expands)."""
     from transformers import Qwen2Tokenizer
-
-    from pruning.runtime.adapters.hulu_med import IMAGE_TOKEN
 
     vocab, merges = train_bpe(480, gemma=False)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges,

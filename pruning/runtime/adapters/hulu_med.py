@@ -35,27 +35,6 @@ from pruning.runtime.adapters.base import Adapter, SequentialPositions, image_on
 from pruning.runtime.adapters.merge_units import merge_unit_pixels, merge_unit_tokens
 from pruning.runtime.recipe import SliceRecipe, video_processor_config
 
-IMAGE_TOKEN = "<image>"
-# Hulu-Med's published chat template (VideoLLaMA3's): no system turn; a video's frames are
-# ``<image>`` separated by ``,`` (after ``Time t s:`` when timestamps are given), the last
-# followed by a newline; a single image is ``<image>`` and a newline.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'video' %}{% for i in range(item['num_frames']) %}"
-    "{% if item['timestamps'] is defined and item['timestamps'] %}"
-    "{{ 'Time ' + (item['timestamps'][i] | round(1) | string) + 's:' }}{% endif %}"
-    "{{ '<image>' + (',' if not loop.last else '\\n') }}{% endfor %}"
-    "{% elif item['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 class HuluMedAdapter(SequentialPositions, Adapter):
     family = "hulu_med"

@@ -26,6 +26,27 @@ VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "attention_dropout", "initializer_range")
 VIDEO_MERGE_SIZE = 2  # Hulu-Med's video (3-D) merge size; its images use 1
 
+IMAGE_TOKEN = "<image>"
+# Hulu-Med's published chat template (VideoLLaMA3's): no system turn; a video's frames are
+# ``<image>`` separated by ``,`` (after ``Time t s:`` when timestamps are given), the last
+# followed by a newline; a single image is ``<image>`` and a newline.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}{% for i in range(item['num_frames']) %}"
+    "{% if item['timestamps'] is defined and item['timestamps'] %}"
+    "{{ 'Time ' + (item['timestamps'][i] | round(1) | string) + 's:' }}{% endif %}"
+    "{{ '<image>' + (',' if not loop.last else '\\n') }}{% endfor %}"
+    "{% elif item['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 def text_config(src: dict[str, Any], text_model_type: str):
     """The native text config (a transformers ``PretrainedConfig``) from the top-level fields.

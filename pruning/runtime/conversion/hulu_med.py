@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pruning.runtime.conversion.configs import native_config, native_processor_config
+from pruning.runtime.conversion.configs import CHAT_TEMPLATE, native_config, native_processor_config
 from pruning.runtime.conversion.configs import vision_config as vision_fields
 from pruning.runtime.conversion.layouts import ConversionError, Layout, detect_layout, rename_keys
 
@@ -262,8 +262,6 @@ def _chat_template(src: Path) -> tuple[str | None, str]:
 
 def _write_text_side(plan: _Plan, out: Path) -> None:
     """Tokenizer files (image token named), chat template and generation config."""
-    from pruning.runtime.adapters.hulu_med import CHAT_TEMPLATE
-
     copied = [name for name in TOKENIZER_FILES if (plan.src / name).is_file()]
     for name in copied:
         shutil.copyfile(plan.src / name, out / name)
