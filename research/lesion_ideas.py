@@ -25,7 +25,6 @@ from pruning.ops.iaf import budget_count
 from pruning.ops.iaf_findings import findings_then_anchors
 from pruning.ops.iaf_lesion import (
     LesionOptions,
-    check_blob_options,
     component_scores,
     hessian_blob_response,
     lesion_grid,
@@ -185,14 +184,14 @@ def transient_real_ct(slices: np.ndarray, budget: float) -> np.ndarray:
     return select_slices(slices, 0.05, distance="transient", options=options, budget=budget)
 
 
+# The z-run idea's blob knobs: the lesion filter's defaults at a higher threshold.
+RUN_LENGTH = LesionOptions(iaf_lesion_threshold=0.02)
+
+
 def run_length_scores(
     slices: np.ndarray,
+    options: LesionOptions = RUN_LENGTH,
     *,
-    threshold: float = 0.02,
-    max_span: int = 8,
-    min_size: float = 1.5,
-    max_size: float = 12.0,
-    link: int = 1,
     drop: float = 0.5,
     max_side: int = 128,
     grid: np.ndarray | None = None,
@@ -200,18 +199,19 @@ def run_length_scores(
     """Per slice the strongest blob on it whose z-run is bounded (0 where there is none).
 
     For every voxel whose blob measure (:func:`hessian_blob_response`, bright and dark
-    separately) exceeds ``threshold``, the run is followed up and down the stack: it goes on
+    separately) exceeds the threshold, the run is followed up and down the stack: it goes on
     while the measure within ``link`` pixels in-plane stays at least ``drop`` times the
     voxel's own. A run longer than ``max_span`` slices, or one that reaches the first or last
     slice (its extent is unknown), is anatomy; otherwise the voxel's measure scores its slice.
 
     Args:
         slices: (D, H, W) or channels-last (D, H, W, C<=4), uint8 or float on [-1, 1].
-        threshold: blob measure a voxel must exceed ([-1, 1] scale; ~contrast / 4).
-        max_span: longest run that still counts as a finding, in slices.
-        min_size, max_size: blob diameters searched, in working-grid pixels.
-        link: in-plane tolerance in grid pixels when following a run to the next slice, so
-            vessels that drift between thick slices still read as one long structure.
+        options: the lesion filter's blob knobs, read as this idea reads them: a voxel's measure
+            must exceed ``iaf_lesion_threshold`` (~contrast / 4); runs longer than
+            ``iaf_lesion_max_span`` slices are anatomy; blob diameters from
+            ``iaf_lesion_min_size`` to ``iaf_lesion_max_size`` grid pixels; ``iaf_lesion_link``
+            pixels of in-plane drift when following a run (its levels and grid size are the
+            product filter's and unused here).
         drop: share of the voxel's measure below which its run has ended (0 < drop < 1).
         max_side: longest side of the working grid.
         grid: the working grid if already computed (:func:`lesion_grid`).
@@ -220,19 +220,19 @@ def run_length_scores(
         float64 (D,) scores on the [-1, 1] scale.
 
     Raises:
-        ValueError: bad shape or dtype, ``max_span`` < 1, sizes not 0 < min <= max,
-            ``link`` < 0, ``threshold`` <= 0, ``drop`` outside (0, 1).
+        ValueError: bad shape or dtype, or ``drop`` outside (0, 1) (the options model checks
+            the rest).
     """
     from scipy import ndimage
 
-    check_blob_options(max_span=max_span, min_size=min_size, max_size=max_size, link=link)
-    if not threshold > 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
+    threshold, max_span = options.iaf_lesion_threshold, options.iaf_lesion_max_span
+    link = options.iaf_lesion_link
     if not 0 < drop < 1:
         raise ValueError(f"drop must be in (0, 1), got {drop}")
     grid = lesion_grid(slices, max_side) if grid is None else grid
     depth = grid.shape[0]
-    response = hessian_blob_response(grid, min_size, max_size)
+    response = hessian_blob_response(grid, options.iaf_lesion_min_size,
+                                     options.iaf_lesion_max_size)
     scores = np.zeros(depth, dtype=np.float64)
     for sign in (1.0, -1.0):
         signed = response * np.float32(sign)

@@ -195,10 +195,7 @@ def select_slices_transient(
     """Lesion-preserving IAF: the paper's anatomy anchors (``gamma``) plus transient findings.
 
     Args:
-        slices: (D, H, W) or channels-last (D, H, W, C) at model resolution, uint8 (0..255) or
-            float already on the [-1, 1] scale.
-        gamma: the paper's threshold on the whole-slice mean |difference| ([-1, 1] scale);
-            ``gamma < 0`` keeps every slice.
+        slices, gamma: as :func:`pruning.ops.iaf_local.select_slices_local`.
         options: a slice whose :func:`transient_scores` value exceeds
             ``iaf_finding_threshold`` is kept; ``iaf_span``, ``iaf_shift`` and
             ``iaf_finding_size`` are the scores' ``span``, ``shift`` and ``size`` (None: the
