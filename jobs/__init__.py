@@ -1,1 +1,2 @@
-"""Entry points for `ray job submit` and the `medpruner` command (evaluate, sweep, report, benchmark)."""
+"""Entry points for `ray job submit` and the `medpruner` command (evaluate, sweep, report,
+benchmark)."""

@@ -1,4 +1,4 @@
-"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions,engine,reuse}``.
+"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions,engine,autoscale,reuse}``.
 
 Benchmarks print ratios measured side by side in one run; they never assert timings.
 """
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "quality": "phantom benchmark: accuracy, R-Rate and lesion recall per method",
     "lesions": "inserted lesions in real CT / MRI: lesion-slice recall per slice filter at matched budgets",
     "engine": "hf generate vs the vLLM engine on the same pruned inputs at concurrency 1 / 8 / 32",
+    "autoscale": "Serve model replicas scaling up (a new GPU node) and down on Ray's autoscaler",
     "reuse": "job and Serve with and without reusing each volume's pruned tokens across questions",
 }
 

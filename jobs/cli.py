@@ -7,7 +7,10 @@
     medpruner benchmark NAME                  python -m jobs.benchmark NAME
     medpruner make-tiny-model FAMILY OUT      tiny offline checkpoint (pruning.testing)
     medpruner make-dataset OUT --format F     synthetic dataset (pipeline.synthetic.datasets)
+    medpruner convert hulu-med SRC DST        Hulu-Med GitHub checkpoint -> native folder
     medpruner serve [--port P] [key=value]    start the HTTP service (serve.app)
+    medpruner cluster local up|down|status    cluster.yaml's autoscaling cluster on this machine
+    medpruner cluster publish [--config PATH] a cluster config's node types, for placement checks
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("jobs.benchmark:main", "run a benchmark program (jobs.benchmark)"),
     "make-tiny-model": ("jobs.tools:make_tiny_model", "build a tiny offline checkpoint"),
     "make-dataset": ("jobs.tools:make_synthetic_dataset", "write a synthetic dataset"),
+    "convert": ("jobs.tools:convert", "convert a checkpoint to the native layout (hulu-med)"),
     "serve": ("jobs.serving:main", "start the HTTP service on Ray Serve"),
+    "cluster": ("jobs.cluster:main", "local autoscaling cluster; publish node types (jobs.cluster)"),
 }
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from pipeline.config import ConfigError, EvalConfig, RayOptions, load_config
+from pipeline.scheduling import JOB_BACKOFF_ENV
 
 EXIT_CONFIG = 2
 
@@ -46,6 +47,8 @@ def connect_ray(config: EvalConfig) -> str:
     options: RayOptions = config.ray
     if ray.is_initialized():
         return "existing Ray session"
+    for key, value in JOB_BACKOFF_ENV.items():  # read by Ray Core when ray.init starts it
+        os.environ.setdefault(key, value)
     address = options.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
@@ -61,8 +64,8 @@ def connect_ray(config: EvalConfig) -> str:
     if wanted > gpus:
         raise ConfigError(f"a stage asks for {wanted} GPU(s) per actor but this machine has {gpus}; "
                           "set stages.infer.num_gpus=0 (CPU) or ray.num_gpus")
-    ray.init(
-        num_cpus=options.num_cpus or local_cpus(config), num_gpus=gpus,
+    ray.init(  # address "local": a new instance, never another cluster running on this host
+        address="local", num_cpus=options.num_cpus or local_cpus(config), num_gpus=gpus,
         object_store_memory=options.object_store_memory,
         include_dashboard=options.include_dashboard, log_to_driver=True,
     )
@@ -76,14 +79,3 @@ def _visible_gpus() -> int:
         return torch.cuda.device_count()
     except ImportError:  # pragma: no cover - torch is a dependency
         return 0
-
-
-def warn_missing_gpus(config: EvalConfig) -> None:
-    """On a connected cluster, say so when no node currently advertises the GPUs asked for."""
-    import ray
-
-    wanted = config.stages.infer.num_gpus
-    have = ray.cluster_resources().get("GPU", 0)
-    if wanted > have:
-        print(f"medpruner: warning: stages.infer.num_gpus={wanted} but the cluster has {have:g} "
-              "GPUs now; the job waits for the autoscaler (or hangs without one)", file=sys.stderr)

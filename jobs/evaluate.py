@@ -8,7 +8,8 @@ Overrides are dotted config keys (``output=/tmp/run1``, ``methods.1.tau=0.8``,
 ``stages.infer.num_gpus=0``), values parsed as YAML. Writes ``results.parquet``,
 ``summary.json`` and ``summary.md`` under ``output``; re-running with the same output resumes.
 Exit codes: 0 done, 1 failed (or more than ``run.max_error_rate`` of the rows ended in error:
-one line on stderr names the most common errors), 2 bad configuration.
+one line on stderr names the most common errors), 2 bad configuration (also: a stage whose
+actors no node of the cluster can hold, see ``pipeline.placement``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit, warn_missing_gpus
+from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit
 from pipeline.config import ConfigError
 from pipeline.datasets.records import DatasetError
 from pipeline.graph import OutputConflictError, run_evaluation
 from pipeline.metrics.summary import summary_markdown
+from pipeline.placement import PlacementGuard, UnschedulableError
 
 EXIT_FAILED = 1
 
@@ -45,13 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medpruner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"medpruner: Ray: {where}", flush=True)
-    warn_missing_gpus(config)
-
 
     try:
-        result = run_evaluation(config)
-    except (OutputConflictError, DatasetError, ConfigError) as exc:
-        print(f"medpruner: {exc}", file=sys.stderr)
+        with PlacementGuard(config):
+            result = run_evaluation(config)
+    except (OutputConflictError, DatasetError, ConfigError, UnschedulableError) as exc:
+        print(f"medpruner: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
 
     print(summary_markdown(result.summary), flush=True)

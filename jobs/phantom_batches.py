@@ -2,9 +2,9 @@
 
 Inputs are built the way :class:`pruning.runtime.vlm.VLM` builds them at inference: the checkpoint's
 chat template with one image entry per slice followed by the text of
-:func:`pipeline.datasets.prompts.build_prompt`, ``<|image_pad|>`` expanded to the tokens per slice, and
-pixels normalised by the checkpoint's :class:`pruning.runtime.recipe.SliceRecipe` then cut into the
-processor's patch order.
+:func:`pipeline.datasets.prompts.build_prompt`, ``<|image_pad|>`` expanded to the tokens per slice,
+and pixels normalised by the checkpoint's :class:`pruning.runtime.recipe.SliceRecipe` then cut into
+the processor's patch order.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def curriculum(frac: float) -> tuple[int, PhantomSpec]:
     return window, PhantomSpec(radius_boost=3.0 * boost, contrast_boost=0.2 * boost)
 
 
-def crop_window(ex: PhantomExample, window: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def crop_window(
+    ex: PhantomExample, window: int, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
     """A window of consecutive slices (overlapping a lesion when there is one) and its answer."""
     ph = ex.phantom
     depth = ph.volume.shape[0]
@@ -68,7 +70,8 @@ def _batched_attention(module, query, key, value, attention_mask=None, scaling=N
     _, heads, n, d = query.shape
     if len(set(lengths)) == 1:
         chunks, size = len(lengths), lengths[0]
-        q, k, v = (t[0].reshape(heads, chunks, size, d).transpose(0, 1) for t in (query, key, value))
+        q, k, v = (t[0].reshape(heads, chunks, size, d).transpose(0, 1)
+                   for t in (query, key, value))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.transpose(1, 2).reshape(1, n, heads, d), None  # (chunks, size, heads, d)
     outs = []
@@ -100,12 +103,14 @@ class PhantomBatcher:
         cfg = AutoConfig.from_pretrained(checkpoint)
         self.image_token_id = cfg.image_token_id
         vc = cfg.vision_config
-        self.patch, self.merge, self.temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+        self.patch, self.merge, self.temporal = (vc.patch_size, vc.spatial_merge_size,
+                                                 vc.temporal_patch_size)
         self.batch_size = batch_size
         side = PhantomSpec().size  # phantom slices are square, at the spec's side
         self.slice_shape = (side, side)
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else self.end_id)
         self._prefix: dict[tuple[int, str], list[int]] = {}
 
     def prefix_ids(self, n_slices: int, prompt: str) -> list[int]:
@@ -163,7 +168,9 @@ class PhantomBatcher:
             answers.append(ans)
         return self.encode(vols, prompts, answers)
 
-    def answer_logits(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_logits(
+        self, model: torch.nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the answer positions (M, V) and their targets (M,)."""
         inputs = {k: v for k, v in batch.items() if k != "spans"}
         logits = model(**inputs).logits  # (B, S, V)

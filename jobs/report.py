@@ -106,7 +106,9 @@ def plot_rrate_histogram(table: pa.Table) -> bytes:
     return _png(fig)
 
 
-def build_report(table: pa.Table, baseline: str = "original") -> tuple[str, dict[str, dict[str, Any]]]:
+def build_report(
+    table: pa.Table, baseline: str = "original"
+) -> tuple[str, dict[str, dict[str, Any]]]:
     """Markdown of every (dataset, model) group and the summaries behind it."""
     import pyarrow.compute as pc
 
@@ -114,14 +116,16 @@ def build_report(table: pa.Table, baseline: str = "original") -> tuple[str, dict
     pairs = sorted(set(zip(table.column("dataset").to_pylist(), table.column("model").to_pylist(),
                            strict=True)))
     for dataset, model in pairs:
-        mask = pc.and_(pc.equal(table.column("dataset"), dataset), pc.equal(table.column("model"), model))
+        mask = pc.and_(pc.equal(table.column("dataset"), dataset),
+                       pc.equal(table.column("model"), model))
         part = table.filter(mask)
         methods = list(dict.fromkeys(part.column("method").to_pylist()))
         summary = summarize_results(part, methods, baseline)
         summaries[f"{dataset}/{model}"] = summary
         layout = "Table 2 (report generation)" if all(
             "report" in m for m in summary["methods"].values()) else "Table 1 (VQA)"
-        sections.append(f"## {dataset} - {model}: {layout}\n\n{markdown_table(table_rows(summary))}")
+        sections.append(f"## {dataset} - {model}: {layout}\n\n"
+                        f"{markdown_table(table_rows(summary))}")
     return "\n".join(sections), summaries
 
 

@@ -19,6 +19,7 @@ from jobs.common import EXIT_CONFIG, connect_ray, load_or_exit
 from jobs.report import markdown_table, write_output
 from pipeline.config import ConfigError, parse_config
 from pipeline.graph import run_evaluation
+from pipeline.placement import PlacementGuard, UnschedulableError
 
 # Ablations of MedPruner's two stages (paper Table 3).
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -120,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medpruner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-
-
-    result = run_evaluation(config)
+    try:
+        with PlacementGuard(config):  # a stage no node can hold: one line, exit 2
+            result = run_evaluation(config)
+    except UnschedulableError as exc:
+        print(f"medpruner: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     rows = sweep_rows(result.summary, methods)
     table = markdown_table(rows)
     write_output(config.output, "sweep.md", table.encode(), config.storage)

@@ -3,8 +3,8 @@
     python -m jobs.train_phantom --seed 0 --minutes 25 --out models/phantom-qwen2_5_vl
 
 The checkpoint directory is first written by :func:`pruning.testing.make_tiny_vlm` (so tokenizer,
-processor and chat template are exactly what :func:`pruning.runtime.vlm.load_vlm` opens), then its weights
-are trained and saved back. What makes training converge on every seed (see TRAINING.md):
+processor and chat template are exactly what :func:`pruning.runtime.vlm.load_vlm` opens), then its
+weights are trained and saved back. What makes training converge on every seed (see TRAINING.md):
 a large initialisation (``initializer_range`` 0.08), a curriculum over slice windows (2 -> 16)
 and lesion size/contrast, one question type per batch in rotation, loss on the answer only.
 """
@@ -85,7 +85,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = make_tiny_vlm("qwen2_5_vl", args.out, seed=args.seed, **MODEL_KW)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init or out, dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init or out,
+                                                               dtype=torch.float32)
     use_batched_vision_attention(model)
     batcher = PhantomBatcher(out, args.batch)
     rng = np.random.default_rng(args.seed)

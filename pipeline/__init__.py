@@ -1,1 +1,2 @@
-"""Everything between bytes and scores: storage, volumes, datasets, metrics, stages, the Ray Data graph."""
+"""Everything between bytes and scores: storage, volumes, datasets, metrics, stages, the Ray Data
+graph."""

@@ -66,6 +66,14 @@ class StageResources(StrictModel):
     max_task_retries: int = Field(
         3, ge=-1, description="times a batch lost with its actor is retried (-1: without limit)"
     )
+    node_loss_window_s: float = Field(
+        90.0, ge=0, description="seconds a batch keeps being retried while its actor's node "
+        "is unreachable but not yet declared dead (adds retries, see pipeline.scheduling)"
+    )
+    label_selector: dict[str, str] | None = Field(
+        None, description="node labels the actors must run on, e.g. "
+        "{medpruner.io/role: preprocess} (None: any node with the resources)"
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> StageResources:
@@ -247,6 +255,14 @@ class RunOptions(StrictModel):
     reuse_cache_mb: float = Field(
         256.0, ge=0, description="bound, per load actor and per model actor, of the reused "
         "data kept across batches (MiB; 0: reuse within a batch only)"
+    )
+    unschedulable_timeout_s: float = Field(
+        600.0, gt=0, description="fail the job (exit 2) when a stage fits no live node for "
+        "this long (the autoscaler cannot or does not bring one up)"
+    )
+    role_placement: bool = Field(
+        True, description="keep stages asking no GPU on nodes labelled "
+        "medpruner.io/role=preprocess when the cluster has such nodes"
     )
 
 

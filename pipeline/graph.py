@@ -16,7 +16,8 @@ Fault tolerance: every stage returns one row per input row (failures become ``er
 with ``error_kind`` "transient" after the load stage's own retries of a storage outage, else
 "permanent"); the caller compares ``EvalResult.error_rate`` with ``run.max_error_rate``;
 stage actors are created with ``max_restarts`` / ``max_task_retries`` so a killed actor is
-restarted and its batch retried by Ray Data.
+restarted and its batch retried by Ray Data; the retries also wait out a lost node
+(``node_loss_window_s``, see ``pipeline.scheduling.task_retries``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pipeline.io.results import (
 from pipeline.io.storage import exists, join_uri, read_bytes, write_bytes
 from pipeline.metrics.summary import summarize_results, summary_markdown
 from pipeline.progress import Progress
+from pipeline.scheduling import task_retries
 from pipeline.stages import InferStage, LoadStage, ScoreStage
 from pipeline.synthetic.datasets import make_dataset
 from pipeline.synthetic.phantom_vqa import write_benchmark
@@ -273,7 +275,8 @@ class StageSpec:
                 compute=ray.data.ActorPoolStrategy(min_size=res.min_actors,
                                                    max_size=res.max_actors),
                 num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory,
-                max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
+                label_selector=res.label_selector, max_restarts=res.max_restarts,
+                max_task_retries=task_retries(res.max_task_retries, res.node_loss_window_s),
             )
 
 

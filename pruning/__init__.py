@@ -1,7 +1,8 @@
 """MedPruner: token pruning for 3D medical vision-language models.
 
 The pure method (no Ray, no transformers, no I/O) is imported eagerly:
-- stage 1, IAF: :func:`select_slices`, :func:`uniform_slices`
+- stage 1, IAF: :func:`select_slices` (the filters by name, each with its options model:
+  :data:`pruning.ops.slice_filters.SLICE_FILTERS`), :func:`uniform_slices`
 - stage 2, DINS: :func:`attention_received`, :func:`nucleus_select`, :func:`nucleus_mask`
 - contextual merging: :func:`merge_contextual`, :func:`count_contextual`
 - baselines: :func:`hulu_l1_keep`, :func:`visionzip_select`, :func:`hiprune_select`,

@@ -36,6 +36,7 @@ from pipeline.reuse import REUSE_MISS, volume_key
 from pruning.methods import SlicePlan
 from serve.api import AnalysisJob, AnalysisResult, create_app
 from serve.config import DeploymentOptions, ServeAppConfig, parse_app_args
+from serve.placement import place_deployments
 from serve.security import (
     ApiError,
     VolumeLimitError,
@@ -112,6 +113,8 @@ def deployment_options(spec: DeploymentOptions, log_level: str) -> dict[str, Any
     actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.memory:
         actor["memory"] = res.memory
+    if res.label_selector:
+        actor["label_selector"] = dict(res.label_selector)
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": spec.max_ongoing_requests,
@@ -124,9 +127,7 @@ def deployment_options(spec: DeploymentOptions, log_level: str) -> dict[str, Any
     if res.min_actors == res.max_actors:
         options["num_replicas"] = res.min_actors
     else:
-        options["autoscaling_config"] = {
-            "min_replicas": res.min_actors, "max_replicas": res.max_actors,
-            "target_ongoing_requests": spec.target_ongoing_requests}
+        options["autoscaling_config"] = spec.autoscaling_config(res.min_actors, res.max_actors)
     return options
 
 
@@ -488,9 +489,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         args: ``ServeAppConfig`` fields, nested or as dotted keys with string values
             (``serve run serve.app:build_app model=/ckpt pruning.tau=0.8``).
     Raises:
-        pipeline.config.ConfigError: an unknown key or an invalid value (one line).
+        pipeline.config.ConfigError: an unknown key or an invalid value, or a deployment no
+            node type of the connected cluster can hold (one line).
     """
     cfg = parse_app_args(args)
+    place_deployments(cfg)
     level = cfg.log_level
     pre = Preprocessor.options(**deployment_options(cfg.preprocess, level)).bind(cfg)
     model = ModelServer.options(**deployment_options(cfg.infer, level)).bind(cfg)

@@ -31,15 +31,17 @@ from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
 from pruning.methods import PruningConfig, PruningField
 from pruning.runtime.checkpoints import DEFAULT_CACHE_DIR, PHANTOM_MODEL, TINY_PREFIX
+from serve.autoscaling import AutoscalingKnobs
 
 MiB = 1024 * 1024
 
 
-class DeploymentOptions(StrictModel):
+class DeploymentOptions(AutoscalingKnobs):
     """One deployment: its resources/replicas (shared spec) plus Serve's queueing knobs.
 
     ``resources.min_actors == max_actors`` gives a fixed replica count; otherwise Serve
-    autoscales between them aiming at ``target_ongoing_requests`` per replica.
+    autoscales between them aiming at ``target_ongoing_requests`` per replica, with the other
+    knobs of ``serve.autoscaling.AutoscalingKnobs`` (``upscale_delay_s``, ``downscale_delay_s``).
     """
 
     resources: StageResources = Field(default_factory=StageResources,
@@ -47,7 +49,6 @@ class DeploymentOptions(StrictModel):
     max_ongoing_requests: int = Field(8, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller "
                                      "before 503 backpressure (-1: no limit)")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target per replica")
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="drain time on shutdown")
     health_check_period_s: float = Field(10.0, gt=0, description="replica health check interval")
 

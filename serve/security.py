@@ -171,7 +171,8 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_volume_data",
-                       "volume.data is not valid standard base64 (RFC 4648, with padding)") from None
+                       "volume.data is not valid standard base64 "
+                       "(RFC 4648, with padding)") from None
     if not raw:
         raise ApiError(400, "invalid_volume_data", "volume.data decodes to zero bytes")
     if len(raw) > max_bytes:
@@ -211,7 +212,8 @@ def _check_directory(real: str, root: str) -> None:
             count += 1
             if count > MAX_DIRECTORY_ENTRIES:
                 raise ApiError(413, "volume_too_large",
-                               f"a directory volume may hold at most {MAX_DIRECTORY_ENTRIES} entries")
+                               "a directory volume may hold at most "
+                               f"{MAX_DIRECTORY_ENTRIES} entries")
             if not _is_within(os.path.realpath(os.path.join(dirpath, name)), root):
                 raise ApiError(403, "forbidden_uri",
                                "the volume directory contains a link that leaves the allowed roots")

@@ -1,8 +1,9 @@
 """Test-suite wide settings: Ray environment, GPU skipping, quiet dependencies.
 
-Tiers (see STYLE.md): pure unit tests need nothing; stage tests build tiny models and data in
-temporary directories; integration tests share one local Ray instance per module and start
-their own servers (SeaweedFS, Ray Serve) on 127.0.0.1, stopping them afterwards.
+Tiers: pure unit tests need nothing; stage tests build tiny models and data in temporary
+directories; integration tests share one local Ray instance per module and start their own
+servers (SeaweedFS, Ray Serve) on 127.0.0.1, stopping them afterwards. Helpers the tests share
+live in :mod:`tests.helpers`; conftests hold fixtures only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray takes 127.0.0.1 as this machine's address (by default it picks the network address for
+# nodes and rewrites a client's 127.0.0.1 to it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Tests never reach beyond loopback: without this, an S3 client with no credentials probes the
 # cloud metadata address (169.254.169.254) for seconds. Set before boto/s3fs are imported.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"

@@ -54,7 +54,8 @@ def _time(fn: Callable[[], np.ndarray]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     """Print the decoding table; returns 0."""
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark data", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="64 x 256 x 256 instead of 300 x 512 x 512")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 x 256 x 256 instead of 300 x 512 x 512")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per method")
     args = parser.parse_args(argv)
     import nibabel as nib

@@ -97,7 +97,8 @@ def tissue_masks(volume: np.ndarray, spacing: tuple[float, float, float], modali
         air = volume < -500
         step = 4  # the flood fill runs on a 4x coarser grid: the body outline is smooth
         coarse_out = _outside_air(air[:, ::step, ::step])
-        outside = np.repeat(np.repeat(coarse_out, step, 1), step, 2)[:, : air.shape[1], : air.shape[2]]
+        outside = (np.repeat(np.repeat(coarse_out, step, 1), step, 2)
+                   [:, : air.shape[1], : air.shape[2]])
         lung = (volume > -950) & (volume < -500) & ~outside
         soft = (volume > 10) & (volume < 90)
         return {"lung": _erode2d(lung, r), "soft": _erode2d(soft, 2 * r)}
@@ -118,7 +119,8 @@ def _profile(shape_kind: str, rng: np.random.Generator, grid: tuple[np.ndarray, 
             v = rng.standard_normal(3)
             v /= np.linalg.norm(v)
             freq = rng.uniform(1.5, 4.0)
-            bump += np.cos(freq * math.pi * (u[0] * v[0] + u[1] * v[1] + u[2] * v[2]) + rng.uniform(0, 6.3))
+            bump += np.cos(freq * math.pi * (u[0] * v[0] + u[1] * v[1] + u[2] * v[2])
+                           + rng.uniform(0, 6.3))
         d = d / (1.0 + rng.uniform(0.15, 0.35) * bump / 4)
     return 1.0 / (1.0 + np.exp(np.clip((d - 1.0) / edge, -50, 50)))
 
@@ -155,7 +157,8 @@ def _draw_lesion(rng, volume, spacing, modality, masks, taken, min_inside):
             continue
         if masks[tissue][box][inside].mean() < min_inside:
             continue
-        if lo[0] + zs[0] == 0 and c[0] - radii[0] < 0 or lo[0] + zs[-1] == depth - 1 and c[0] + radii[0] > depth - 1:
+        if (lo[0] + zs[0] == 0 and c[0] - radii[0] < 0
+                or lo[0] + zs[-1] == depth - 1 and c[0] + radii[0] > depth - 1):
             continue  # cut by the volume's first or last slice: its span would not be its own
         return tissue, kind, diameter, c, box, weight, inside, lo[0] + zs[0], lo[0] + zs[-1]
     return None

@@ -17,6 +17,10 @@ and budget: lesion-slice recall (share of slices showing a lesion that were kept
 (at least one of its slices kept), slice rate, and CPU time (process time, after one untimed
 warm-up call per filter) summed over all volumes against the paper IAF run at gamma 0.05 (best
 of 3 per volume) on the same volumes.
+
+The training-free ideas measured beside these filters are research, not product: they live in
+``research/lesion_ideas.py`` and run this harness with their entries added
+(``python -m research.lesion_ideas``, see :func:`main`'s ``extra``).
 """
 
 from __future__ import annotations
@@ -29,10 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.benchmarks.lesion_ideas import IDEAS
 from jobs.benchmarks.lesion_insertion import insert_lesions, synthetic_chest, tissue_masks
 from jobs.benchmarks.real_scans import DEFAULT_CACHE, RealScan, load_real_scans
-from pruning.ops.iaf import budget_count, uniform_slices
+from pruning.ops.iaf import PatchPercentileOptions, budget_count, uniform_slices
 from pruning.ops.slice_filters import select_slices
 from pruning.runtime.recipe import SliceRecipe
 
@@ -101,27 +104,30 @@ def build_cases(split: str, args) -> list[Case]:
                                                   count, masks=masks)
             if not lesions:
                 continue
-            per_lesion = [np.flatnonzero((labels == k + 1).any(axis=(1, 2))) for k in range(len(lesions))]
-            cases.append(Case(split, scan.name, recipe.prepare(vol, scan.modality), per_lesion, lesions))
+            per_lesion = [np.flatnonzero((labels == k + 1).any(axis=(1, 2)))
+                          for k in range(len(lesions))]
+            cases.append(Case(split, scan.name, recipe.prepare(vol, scan.modality), per_lesion,
+                              lesions))
     return cases
 
 
-def filters() -> dict[str, Callable[[np.ndarray, float], np.ndarray]]:
-    """name -> ``(uint8 slices, budget) -> kept indices``; the main four come first."""
+# (uint8 slices, budget) -> kept indices
+SliceRule = Callable[[np.ndarray, float], np.ndarray]
 
-    out = {
+
+def filters() -> dict[str, SliceRule]:
+    """name -> ``(uint8 slices, budget) -> kept indices``; the main four come first."""
+    p95 = PatchPercentileOptions(iaf_percentile=95.0)
+    return {
         "uniform": lambda v, b: uniform_slices(len(v), budget_count(b, len(v))),
         "paper IAF (mean)": lambda v, b: select_slices(v, 0.05, budget=b),
         "transient": lambda v, b: select_slices(v, 0.05, distance="transient", budget=b),
         "lesion": lambda v, b: select_slices(v, 0.05, distance="lesion", budget=b),
         "patch_max": lambda v, b: select_slices(v, 0.05, distance="patch_max", budget=b),
         "patch_percentile p95": lambda v, b: select_slices(v, 0.05, distance="patch_percentile",
-                                                           percentile=95.0, budget=b),
+                                                           options=p95, budget=b),
         "local": lambda v, b: select_slices(v, 0.05, distance="local", budget=b),
     }
-    for name, fn in IDEAS.items():
-        out[f"idea: {name}"] = fn
-    return out
 
 
 def evaluate(cases: list[Case], fn, budget: float, paper_s: list[float]) -> dict[str, float]:
@@ -166,17 +172,27 @@ def print_table(split: str, cases: list[Case], rows: list[tuple[str, float, dict
     scans = sorted({c.scan for c in cases})
     print(f"\n{split}: {len(cases)} volumes ({', '.join(scans)}), {lesions} lesions, "
           f"{slices} slices")
-    print("| filter | budget | lesion-slice recall | lesions seen | slice rate | CPU vs paper IAF |")
+    print("| filter | budget | lesion-slice recall | lesions seen | slice rate | "
+          "CPU vs paper IAF |")
     print("|---|---|---|---|---|---|")
     for name, budget, r in rows:
         print(f"| {name} | {budget:.0%} | {r['recall']:.1%} | {r['seen']:.1%} | {r['rate']:.1%} "
               f"| {r['cost']:.2f}x |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build the cases, run every filter at every budget, print one table per split."""
+def main(argv: list[str] | None = None, extra: dict[str, SliceRule] | None = None) -> int:
+    """Build the cases, run every filter at every budget, print one table per split.
+
+    Args:
+        argv: command-line options (None: ``sys.argv``).
+        extra: more entries measured after the filters (``research.lesion_ideas`` passes its
+            ideas here; ``--quick`` runs the first four filters only).
+
+    Returns:
+        0.
+    """
     args = parse_args(argv)
-    table = filters()
+    table = {**filters(), **(extra or {})}
     names = args.filters or list(table)
     if args.quick:
         args.cases, args.budgets = min(args.cases, 2), [0.4]

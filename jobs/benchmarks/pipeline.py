@@ -136,8 +136,8 @@ def part_loop_vs_ray(root: Path, manifest: str, max_new_tokens: int) -> None:
     resolve_model(MODEL, config.cache_path())
     run_loop(config)  # warm-up: file cache, lazy imports, first-call kernels
     setup, busy, rows = run_loop(config)
-    ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2,
+             include_dashboard=False, log_to_driver=False)
     try:
 
         wall, steady, ray_rows = run_ray(config, stage_specs(config)["infer"])

@@ -76,14 +76,18 @@ def bench_iaf(depth: int, size: int, repeats: int, gamma: float) -> None:
         },
         repeats,
     )
-    print(f"\n## IAF on a {depth} x {size} x {size} volume (gamma={gamma}: kept {len(kept)}/{depth} slices)")
-    print("| input | bytes | np.copy GB/s | copyto (warm) GB/s | IAF GB/s | IAF / np.copy | IAF / copyto | IAF ms |")
+    print(f"\n## IAF on a {depth} x {size} x {size} volume "
+          f"(gamma={gamma}: kept {len(kept)}/{depth} slices)")
+    print("| input | bytes | np.copy GB/s | copyto (warm) GB/s | IAF GB/s | IAF / np.copy | "
+          "IAF / copyto | IAF ms |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, arr, tag in (("uint8 (what the CPU stage passes)", u8, "u8"), ("float32 [-1, 1]", f32, "f32")):
+    for label, arr, tag in (("uint8 (what the CPU stage passes)", u8, "u8"),
+                            ("float32 [-1, 1]", f32, "f32")):
         rate = {k: arr.nbytes / med[f"{k}_{tag}"] / GB for k in ("copy", "copyto", "iaf")}
         print(
             f"| {label} | {arr.nbytes / MIB:.0f} MiB | {rate['copy']:.2f} | {rate['copyto']:.2f} | "
-            f"{rate['iaf']:.2f} | {rate['iaf'] / rate['copy']:.2f} | {rate['iaf'] / rate['copyto']:.2f} | "
+            f"{rate['iaf']:.2f} | {rate['iaf'] / rate['copy']:.2f} | "
+            f"{rate['iaf'] / rate['copyto']:.2f} | "
             f"{med[f'iaf_{tag}'] * 1e3:.1f} |"
         )
     print("target: IAF >= 0.3 x copy rate")
@@ -97,7 +101,8 @@ def bench_iaf(depth: int, size: int, repeats: int, gamma: float) -> None:
     kept_t = select_slices(u8, gamma, distance="transient")
     print(
         f"\nLesion-preserving IAF (`iaf_distance: transient`, working grid <= 128 px, span 4, "
-        f"shift 1; kept {len(kept_t)}/{depth}): {transient['transient_u8'] * 1e3:.0f} ms per volume, "
+        f"shift 1; kept {len(kept_t)}/{depth}): "
+        f"{transient['transient_u8'] * 1e3:.0f} ms per volume, "
         f"{transient['transient_u8'] / transient['iaf_u8']:.1f}x the paper IAF's "
         f"{transient['iaf_u8'] * 1e3:.1f} ms"
     )
@@ -151,7 +156,8 @@ def peak_extra_bytes(kind: str, n: int, heads: int, dim: int) -> float:
 
 def bench_attention(n: int, heads: int, dim: int, repeats: int) -> None:
     q, k, v = _qkv(n, heads, dim)
-    med = interleaved({kind: partial(_call, kind, q, k, v) for kind in ("attention_received", "sdpa")}, repeats)
+    med = interleaved({kind: partial(_call, kind, q, k, v)
+                       for kind in ("attention_received", "sdpa")}, repeats)
     matrix = heads * n * n * 4
     print(f"\n## attention_received vs SDPA, one slice: (1, {heads}, {n}, {dim}) float32, "
           f"{torch.get_num_threads()} torch threads")
@@ -176,7 +182,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     depth, size, n = (64, 256, 1024) if args.quick else (300, 512, 4096)
-    print(f"# pruning benchmark ({'quick' if args.quick else 'full'}, {repeats} interleaved repeats, medians)")
+    print(f"# pruning benchmark ({'quick' if args.quick else 'full'}, {repeats} interleaved "
+          "repeats, medians)")
     bench_iaf(depth, size, repeats, args.gamma)
     bench_attention(n, 16, 72, repeats)
     return 0

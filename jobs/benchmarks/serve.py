@@ -11,8 +11,8 @@ offline model and measures, side by side in one run:
 - p50/p95 latency and requests/s at concurrency 1, 4 and 16, with the model deployment's
   batching off and on (``serve.batch`` gathering concurrent requests into one stage call). With
   ``--engine vllm`` (default model: the phantom checkpoint, as vLLM's CPU attention refuses the
-  tiny models' head size) generation is batched continuously either way; batching on also gathers the vision
-  half, with several gathered calls in the engine at once.
+  tiny models' head size) generation is batched continuously either way; batching on also gathers
+  the vision half, with several gathered calls in the engine at once.
 Traffic goes to loopback only and is bounded by ``--requests``.
 """
 
@@ -125,9 +125,9 @@ def _app_args(model_dir: str, pruning: dict, max_new_tokens: int, batching: bool
 def _print(opts: argparse.Namespace, rows: list, direct: list[float], http: list[float],
            gaps: list[float]) -> None:
     continuous = engine_class(opts.engine, serving=True).capabilities.continuous_batching
-    print(f"\nServe benchmark, engine {opts.engine}: {opts.model} model, {opts.depth}x64x64 int16 npy "
-          f"volumes inline, {opts.max_new_tokens} new tokens, medpruner tau=0.9 gamma=0.05, "
-          f"127.0.0.1\n")
+    print(f"\nServe benchmark, engine {opts.engine}: {opts.model} model, {opts.depth}x64x64 "
+          f"int16 npy volumes inline, {opts.max_new_tokens} new tokens, medpruner tau=0.9 "
+          f"gamma=0.05, 127.0.0.1\n")
     print("| batching | concurrency | requests | p50 ms | p95 ms | req/s | non-200 |")
     print("|---|---|---|---|---|---|---|")
     for batching, c, total, p50, p95, rps, failures in rows:
@@ -166,7 +166,8 @@ def main(argv: list[str]) -> int:
     opts = parser.parse_args(argv)
     if opts.model is None:
         owns = engine_class(opts.engine).capabilities.owns_language_model
-        opts.model = "phantom" if owns else f"tiny:qwen2_5_vl{'' if opts.size == 'tiny' else ':bench'}"
+        opts.model = ("phantom" if owns
+                      else f"tiny:qwen2_5_vl{'' if opts.size == 'tiny' else ':bench'}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

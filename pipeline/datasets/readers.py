@@ -1,8 +1,9 @@
 """Format readers behind :func:`pipeline.datasets.records.read_records`.
 
-Each reader returns ``(rows, problems)``: rows are dicts of :class:`pipeline.datasets.records.Record`
-fields plus ``_where`` (line or item) and ``_file`` for error messages; problems are
-``(file, where, message)`` for rows that cannot be turned into records at all.
+Each reader returns ``(rows, problems)``: rows are dicts of
+:class:`pipeline.datasets.records.Record` fields plus ``_where`` (line or item) and ``_file`` for
+error messages; problems are ``(file, where, message)`` for rows that cannot be turned into
+records at all.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def _hulu_row(item: Any, index: int, uri: str, root: str, dataset: str | None,
     turns = item.get("conversations")
     if not isinstance(turns, list) or len(turns) < 2:
         raise ValueError("'conversations' must hold a human and a gpt turn")
-    human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
-    gold = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+    human = next((t.get("value") for t in turns
+                  if isinstance(t, dict) and t.get("from") == "human"), None)
+    gold = next((t.get("value") for t in turns
+                 if isinstance(t, dict) and t.get("from") == "gpt"), None)
     if not isinstance(human, str) or not isinstance(gold, str):
         raise ValueError("'conversations' needs string 'value's from 'human' and 'gpt'")
     qtype = str(item.get("Question_Type", "") or "").strip().upper()
@@ -123,11 +126,13 @@ def _csv_rows(uri: str, storage: StorageOptions | None, required: tuple[str, ...
     columns = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in required if c not in columns]
     if missing:
-        raise _FileProblem(f"missing column(s) {missing}; found {columns}; required {list(required)}")
+        raise _FileProblem(f"missing column(s) {missing}; found {columns}; "
+                           f"required {list(required)}")
     reader.fieldnames = columns
     start = 1
     for row in reader:
-        where = f"line {start + 1}" if reader.line_num == start + 1 else f"lines {start + 1}-{reader.line_num}"
+        where = (f"line {start + 1}" if reader.line_num == start + 1
+                 else f"lines {start + 1}-{reader.line_num}")
         start = reader.line_num
         problem = None
         if None in row:
@@ -223,7 +228,8 @@ def _rad_row(row: dict[str, str], path: str, where: str, root: str,
         if letter and (choices is None or letter in choices):
             answer = letter
         elif choices:
-            raise ValueError(f"'AnswerChoice' {row.get('AnswerChoice')!r} is not one of {sorted(choices)}")
+            raise ValueError(f"'AnswerChoice' {row.get('AnswerChoice')!r} is not one of "
+                             f"{sorted(choices)}")
     volume = st.join_uri(root, row["VolumeName"])
     return {
         "id": f"{_stem(path)}-{where.split()[-1]}",
@@ -262,7 +268,8 @@ def amos_report_text(report: dict[str, Any]) -> str:
     """Gold report: findings (chest, abdomen, pelvis, in that order) then the impression."""
     findings = report.get("findings", "")
     if isinstance(findings, dict):
-        parts = [str(findings[k]).strip() for k in ("chest", "abdomen", "pelvis") if findings.get(k)]
+        parts = [str(findings[k]).strip() for k in ("chest", "abdomen", "pelvis")
+                 if findings.get(k)]
         parts += [str(v).strip() for k, v in findings.items()
                   if k not in ("chest", "abdomen", "pelvis") and v]
         findings = " ".join(parts)

@@ -148,7 +148,8 @@ def read_records(
             records.append(Record.model_validate(row))
         except ValidationError as err:
             msgs = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in err.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                for e in err.errors()
             )
             problems.append((source, where, msgs))
     if problems:

@@ -1,1 +1,2 @@
-"""Bytes in and out: object storage, volume formats (NIfTI, NPY, DICOM, NRRD, slice folders), dataset and result writers."""
+"""Bytes in and out: object storage, volume formats (NIfTI, NPY, DICOM, NRRD, slice folders),
+dataset and result writers."""

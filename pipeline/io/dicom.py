@@ -80,8 +80,8 @@ def declared_pixels(ds: Any, source: str) -> tuple[int, int, int, int]:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.get("BitsAllocated", 16) or 16)
     except (TypeError, ValueError) as err:
-        raise VolumeError(f"{source}: DICOM image size tags are not numbers ({type(err).__name__})") \
-            from err
+        raise VolumeError(f"{source}: DICOM image size tags are not numbers "
+                          f"({type(err).__name__})") from err
     if min(rows, cols, frames, samples, bits) <= 0:
         raise VolumeError(f"{source}: DICOM file declares no image (Rows/Columns missing or 0)")
     return frames, rows, cols, frames * rows * cols * samples * max(1, -(-bits // 8))
@@ -112,7 +112,8 @@ def pixels(ds: Any, source: str, limits: Any = None) -> np.ndarray:
 def _rescale(ds: Any) -> tuple[float | None, float | None]:
     slope = float(ds.RescaleSlope) if "RescaleSlope" in ds and ds.RescaleSlope != "" else None
     inter = (
-        float(ds.RescaleIntercept) if "RescaleIntercept" in ds and ds.RescaleIntercept != "" else None
+        float(ds.RescaleIntercept) if "RescaleIntercept" in ds and ds.RescaleIntercept != ""
+        else None
     )
     return slope, inter
 
@@ -207,7 +208,8 @@ def decode_dicom_series(files: list[tuple[str, bytes]], source: str, limits: Any
     order = np.argsort(depth, kind="stable")
     depth = depth[order]
     if len(depth) > 1 and np.min(np.diff(depth)) < 1e-4:
-        raise VolumeError(f"{source}: several DICOM files share a slice position (repeated slices?)")
+        raise VolumeError(f"{source}: several DICOM files share a slice position "
+                          "(repeated slices?)")
     ordered = [datasets[i] for i in order]
     stack = _stack_rescaled(ordered, source, deadline)  # (D, H, W[, 3])
     row_sp, col_sp = _spacing_2d(first)
@@ -241,11 +243,13 @@ def _stack_rescaled(ordered: list[tuple[str, Any]], source: str,
             shape, first_name = arr.shape, name
         elif arr.shape != shape:
             raise VolumeError(
-                f"{source}: slices of different sizes: {first_name} is {shape}, {name} is {arr.shape}"
+                f"{source}: slices of different sizes: {first_name} is {shape}, "
+                f"{name} is {arr.shape}"
             )
         slices.append(arr)
     rescales = {_rescale(ds) for _, ds in ordered}
     if len(rescales) == 1:
         return scale_values(np.stack(slices), *rescales.pop())
-    scaled = [scale_values(a, *_rescale(ds)).astype(np.float32) for a, (_, ds) in zip(slices, ordered, strict=True)]
+    scaled = [scale_values(a, *_rescale(ds)).astype(np.float32)
+              for a, (_, ds) in zip(slices, ordered, strict=True)]
     return np.stack(scaled)

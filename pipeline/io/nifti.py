@@ -3,7 +3,8 @@
 For ``.nii.gz`` whose slice axis stays the slowest one after reorientation (axial data, the
 usual case), the gzip stream is inflated by a worker thread (isal, which releases the GIL)
 while this thread moves each finished run of slices into the output with its flips:
-decompression and reorientation overlap, and the decompressed bytes are never held whole. Other layouts inflate in one call and reorient with one copy.
+decompression and reorientation overlap, and the decompressed bytes are never held whole. Other
+layouts inflate in one call and reorient with one copy.
 Orientation and value rules: :mod:`pipeline.io.volume_decoders`.
 """
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.io.storage import StorageOptions, pyarrow_filesystem
 
 _STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
-# The DESIGN's columns first, then what helps debugging and resuming.
+# The columns the README promises first, then what helps debugging and resuming.
 RESULT_SCHEMA = pa.schema([
     ("id", _STR), ("dataset", _STR), ("model", _STR), ("method", _STR), ("task", _STR),
     ("category", _STR), ("question", _STR), ("answer", _STR), ("prediction", _STR),

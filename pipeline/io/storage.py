@@ -87,7 +87,8 @@ class StorageOptions(BaseModel):
             client["region_name"] = opts.region
         if not opts.verify_ssl:
             client["verify"] = False
-        kwargs: dict[str, Any] = {"anon": opts.anon, "config_kwargs": config, "client_kwargs": client}
+        kwargs: dict[str, Any] = {"anon": opts.anon, "config_kwargs": config,
+                                  "client_kwargs": client}
         if opts.endpoint_url:
             kwargs["endpoint_url"] = opts.endpoint_url
         if opts.key and not opts.anon:

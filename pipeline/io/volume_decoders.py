@@ -32,7 +32,8 @@ from pipeline.io.limits import (
 
 GZIP_MAGIC = b"\x1f\x8b"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CANONICAL_AXCODES = ("L", "P", "S")  # voxel axes (x, y, z) point to patient Left, Posterior, Superior
+# voxel axes (x, y, z) point to patient Left, Posterior, Superior
+CANONICAL_AXCODES = ("L", "P", "S")
 
 
 def gunzip(data: bytes, source: str, max_bytes: int | None = None) -> bytes:
@@ -118,7 +119,9 @@ def apply_canonical(data_xyz: np.ndarray, xform: np.ndarray) -> np.ndarray:
     return arr.transpose((2, 1, 0, *range(3, arr.ndim)))
 
 
-def to_canonical(data_xyz: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tuple[float, ...], str]:
+def to_canonical(
+    data_xyz: np.ndarray, affine_ras: np.ndarray
+) -> tuple[np.ndarray, tuple[float, ...], str]:
     """Reorient voxel data to the canonical (z, y, x) order of the module docstring.
 
     Args:
@@ -226,7 +229,8 @@ def decode_nrrd(data: bytes, source: str, max_bytes: int, limits: Any = None,
     except VolumeError:
         raise
     except Exception as err:  # pynrrd raises NRRDError, ValueError, ...
-        raise VolumeError(f"{source}: corrupt or truncated NRRD ({type(err).__name__}: {err})") from err
+        raise VolumeError(f"{source}: corrupt or truncated NRRD "
+                          f"({type(err).__name__}: {err})") from err
     count = int(np.prod(sizes, dtype=np.int64))
     nbytes = count * dtype.itemsize
     if limits is None and nbytes > max_bytes:  # no limits: the stored-size cap bounds it

@@ -48,7 +48,8 @@ FORMATS: dict[str, str] = {
     "nifti": ".nii or .nii.gz file (NIfTI-1/2), reoriented to canonical axial",
     "npy": ".npy array, (D, H, W), (1, D, H, W) or (D, H, W, 3), taken as is",
     "dicom": "folder of one DICOM series ordered by ImagePositionPatient (or one .dcm file)",
-    "slices": "folder of 2-D slice images (.png .jpg .jpeg .bmp .tif, also .dcm) in file-name order",
+    "slices": ("folder of 2-D slice images (.png .jpg .jpeg .bmp .tif, also .dcm) in "
+               "file-name order"),
     "nrrd": ".nrrd file with attached header, reoriented to canonical axial",
 }
 _ALIASES = {
@@ -275,7 +276,8 @@ def _read_folder(
     if fmt == "dicom" and not chosen:  # series often come without a suffix
         chosen = [(u, s) for u, s in listed if not st.basename(u).startswith(".")]
     if not chosen:
-        raise VolumeError(f"{uri}: folder holds no {fmt} files ({', '.join(suffixes)}): zero slices")
+        raise VolumeError(f"{uri}: folder holds no {fmt} files ({', '.join(suffixes)}): "
+                          "zero slices")
     if len(chosen) > limits.max_slices:
         raise VolumeLimitError(f"{uri}: folder holds {len(chosen)} files, over the limit of "
                                f"{limits.max_slices} slices")

@@ -1,1 +1,2 @@
-"""Metrics: the paper's reference scorer and the standard one, offline WordNet, and run summaries."""
+"""Metrics: the paper's reference scorer and the standard one, offline WordNet, and run
+summaries."""

@@ -185,7 +185,8 @@ def _summarize_kind(rows: list[Mapping[str, Any]], kind: str, category_key: str)
         by_cat[str(row.get(category_key) or "all")].append(row)
     per_cat = {
         cat: {"n": len(items)} | {
-            ("accuracy" if m == "correct" else m): 100.0 * sum(_value(r, m) for r in items) / len(items)
+            ("accuracy" if m == "correct" else m):
+                100.0 * sum(_value(r, m) for r in items) / len(items)
             for m in metrics
         }
         for cat, items in sorted(by_cat.items())

@@ -66,7 +66,8 @@ def _is_complete(wordnet_dir: Path) -> bool:
 
 
 def _lexnames_text() -> str:
-    return resources.files("pipeline.metrics").joinpath("data/wordnet-lexnames.tsv").read_text("utf-8")
+    return (resources.files("pipeline.metrics").joinpath("data/wordnet-lexnames.tsv")
+            .read_text("utf-8"))
 
 
 def build_wordnet(data_dir: Path, source_dir: Path | None = None) -> Path:

@@ -1,1 +1,2 @@
-"""Synthetic data: phantom CT volumes and datasets in every format, and the phantom VQA benchmark."""
+"""Synthetic data: phantom CT volumes and datasets in every format, and the phantom VQA
+benchmark."""

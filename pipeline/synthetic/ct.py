@@ -110,7 +110,8 @@ def make_phantom(
         lesion_diameter=(2 * lesion_radius_px[0] * scale, 2 * lesion_radius_px[1] * scale),
         lesion_contrast=tuple(c / _WINDOW_WIDTH_HU for c in lesion_contrast_hu))
     for attempt in range(_PLACEMENT_TRIES):  # redraw the anatomy if forced lesions do not fit
-        draw = seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+        draw = (seed if attempt == 0
+                else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0]))
         scene = render(draw, spec, count=lesion_count, organ=lesion_organ)
         if lesion_count is None or len(scene.lesions) == lesion_count:
             break

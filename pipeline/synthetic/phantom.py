@@ -112,7 +112,8 @@ def _place_lesions(rng, spec, geo, anchor, organ, count) -> list[dict]:
             break
         n_sl = int(rng.integers(spec.lesion_slices[0], spec.lesion_slices[1] + 1))
         margin = max(0, (g["z1"] - g["z0"] + 1 - n_sl) // 4)  # prefer the organ's middle
-        z0 = int(rng.integers(g["z0"] + margin, max(g["z0"] + margin + 1, g["z1"] - n_sl + 2 - margin)))
+        z0 = int(rng.integers(g["z0"] + margin,
+                              max(g["z0"] + margin + 1, g["z1"] - n_sl + 2 - margin)))
         z1 = min(z0 + n_sl, spec.depth)
         s = min(_section_scale(g, anchor[z]) for z in range(z0, z1))
         radius = rng.uniform(*spec.lesion_diameter) / 2.0
@@ -200,7 +201,8 @@ def render(seed: int, spec: PhantomSpec, *, count: int | None = None,
 
 
 def make_phantom_volume(
-    seed: int, *, spec: PhantomSpec | None = None, count: int | None = None, organ: str | None = None
+    seed: int, *, spec: PhantomSpec | None = None, count: int | None = None,
+    organ: str | None = None,
 ) -> Phantom:
     """Build one phantom volume deterministically from ``seed``.
 

@@ -38,10 +38,6 @@ DEFAULT_METHOD = "medpruner"
 _REGISTRY: dict[str, type[PruningConfig]] = {}
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
-
-
 # ----------------------------------------------------------------------------- config base
 class PruningConfig(BaseModel):
     """Which pruning method to apply to a 3D volume, with its parameters.

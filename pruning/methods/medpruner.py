@@ -1,10 +1,12 @@
 """MedPruner: IAF before the vision encoder, DINS per kept slice, contextual merging.
 
-Slice rule: IAF (:func:`pruning.ops.slice_filters.select_slices`) on the [-1, 1] scale gamma refers to,
-read straight from the uint8 slices. Under the ``reference`` profile the public code's order is
-kept: every slice is encoded and IAF becomes a mask, so a dropped slice still sends its token 0
-when DINS kept it. Token rule: the attention nucleus (``tau``, softmax temperature ``T``) per
-slice, then the leftovers merged into contextual tokens.
+Slice rule: IAF (:func:`pruning.ops.slice_filters.select_slices`) on the [-1, 1] scale gamma
+refers to, read straight from the uint8 slices; ``iaf_distance`` names the slice filter, and the
+filters' options models are bases of the config, so their fields are its flat keys. Under the
+``reference`` profile the public code's order is kept: every slice is encoded and IAF becomes a
+mask, so a dropped slice still sends its token 0 when DINS kept it. Token rule: the attention
+nucleus (``tau``, softmax temperature ``T``) per slice, then the leftovers merged into
+contextual tokens.
 """
 
 from __future__ import annotations
@@ -25,19 +27,22 @@ from pruning.methods.selection import (
     check_depth,
     gather,
 )
+from pruning.ops.iaf import FilterOptions, PatchPercentileOptions
+from pruning.ops.iaf_lesion import LesionOptions
+from pruning.ops.iaf_local import LocalOptions
+from pruning.ops.iaf_transient import TransientOptions
+from pruning.ops.labels import fmt_number
 from pruning.ops.merge import merge_contextual
 from pruning.ops.nucleus import nucleus_mask
-from pruning.ops.slice_filters import select_slices
-
-IafDistanceName = Literal["mean", "patch_max", "patch_percentile", "local", "transient", "lesion"]
+from pruning.ops.slice_filters import FilterName, select_slices, slice_filter
 
 # DINS softmax temperature per model family (reference configuration: T = 2 for Qwen3-VL and
-# MedGemma/Gemma3, T = 1 for Hulu-Med; Qwen2.5-VL follows Hulu-Med, whose encoder it shares).
+# MedGemma/Gemma3, T = 1 for Hulu-Med; the reference code prunes no Qwen2.5-VL: 1, as Hulu-Med).
 FAMILY_TEMPERATURES: dict[str, float] = {
     "qwen3_vl": 2.0,
     "gemma3": 2.0,
     "qwen2_5_vl": 1.0,
-    "hulu": 1.0,
+    "hulu_med": 1.0,
 }
 
 
@@ -55,14 +60,13 @@ def default_temperature(family: str) -> float:
     return FAMILY_TEMPERATURES[family]
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+class _IafChoice(PruningConfig):
+    """MedPruner's first fields: gamma and which slice filter.
 
+    A class of its own only for the field order: pydantic puts inherited fields first, base
+    by base, so these stay before the filters' options (and the results' JSON keeps its order).
+    """
 
-class MedPrunerConfig(PruningConfig, method="medpruner"):
-    """MedPruner's parameters: IAF (stage 1), DINS (stage 2), merging, ablations."""
-
-    method: Literal["medpruner"] = Field("medpruner", description="IAF + DINS + merge")
     # --- Stage 1: inter-slice anchor-based filtering (IAF)
     gamma: float = Field(
         0.05,
@@ -72,7 +76,7 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         "output normalised with mean=std=0.5); a slice is kept if its distance is strictly "
         "greater. gamma < 0 keeps every slice; at most 2 (the largest possible distance)",
     )
-    iaf_distance: IafDistanceName = Field(
+    iaf_distance: FilterName = Field(
         "mean",
         description="IAF distance: 'mean' over the whole slice (paper); 'patch_max' / "
         "'patch_percentile' over per-patch mean differences; 'local' keeps the paper's anatomy "
@@ -81,53 +85,15 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         "'lesion' keeps the anchors plus every slice of a compact 3-D blob that ends within "
         "iaf_lesion_max_span slices (lesion-preserving on real anatomy)",
     )
-    iaf_gamma_local: float = Field(
-        0.3, ge=0.0, le=2.0,
-        description="'local' IAF: threshold on the largest 4x4-window mean |difference| to an "
-        "anatomy anchor ([-1, 1] scale)",
-    )
-    iaf_finding_threshold: float = Field(
-        0.2, ge=0.0, le=2.0,
-        description="'transient' IAF: a slice is a finding when a region matches neither its "
-        "neighbour before nor after it by more than this ([-1, 1] scale)",
-    )
-    iaf_span: int = Field(4, ge=1, le=64, description="'transient' IAF: longest finding, in slices")
-    iaf_shift: int = Field(
-        1, ge=0, le=8,
-        description="'transient' IAF: how far anatomy may move between neighbouring slices "
-        "without counting as a finding, in pixels of the working grid (slices box-averaged "
-        "to at most 128 px per side)",
-    )
-    iaf_finding_size: int = Field(
-        2, ge=1, le=32,
-        description="'transient' IAF: side of the square (working-grid pixels) a finding must "
-        "cover",
-    )
-    iaf_lesion_threshold: float = Field(
-        0.015, gt=0.0, le=2.0,
-        description="'lesion' IAF: blob measure ([-1, 1] scale, about a quarter of a blob's "
-        "contrast) a compact 3-D blob must exceed to make its slices findings (the lowest of "
-        "the levels)",
-    )
-    iaf_lesion_levels: int = Field(
-        2, ge=1, le=6, description="'lesion' IAF: blobs are sought at iaf_lesion_threshold "
-        "times 1, 2, 4, ...; slices are ranked by the number of levels they are found at")
-    iaf_lesion_max_span: int = Field(
-        8, ge=1, le=64, description="'lesion' IAF: longest finding in slices; longer 3-D "
-        "components (vessels, airways, outlines) are anatomy")
-    iaf_lesion_min_size: float = Field(
-        1.5, gt=0.0, le=64.0, description="'lesion' IAF: smallest blob scale, working-grid px")
-    iaf_lesion_max_size: float = Field(
-        12.0, gt=0.0, le=64.0, description="'lesion' IAF: largest blob scale, working-grid px")
-    iaf_lesion_link: int = Field(
-        1, ge=0, le=8, description="'lesion' IAF: in-plane drift (working-grid px) a blob may "
-        "make from one slice to the next and stay one component")
-    iaf_lesion_max_side: int = Field(
-        96, ge=8, le=512, description="'lesion' IAF: working grid, at most this many px per "
-        "side (slices are box-averaged down to it)")
-    iaf_percentile: float = Field(
-        99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
-    )
+
+
+# The filters' options models are bases: their fields (iaf_gamma_local, iaf_span, ...) are this
+# config's keys, with their defaults, ranges and checks defined once, beside each filter.
+class MedPrunerConfig(PatchPercentileOptions, LesionOptions, TransientOptions, LocalOptions,
+                      _IafChoice, method="medpruner"):
+    """MedPruner's parameters: IAF (stage 1), DINS (stage 2), merging, ablations."""
+
+    method: Literal["medpruner"] = Field("medpruner", description="IAF + DINS + merge")
     min_slices: int = Field(1, ge=1, description="keep at least this many slices (even spacing)")
     keep_last: bool = Field(False, description="always keep the last slice as well")
     slice_budget: float | None = Field(
@@ -170,9 +136,6 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
             raise ValueError(
                 f"min_slices ({self.min_slices}) must not exceed max_slices ({self.max_slices})"
             )
-        if self.iaf_lesion_min_size > self.iaf_lesion_max_size:
-            raise ValueError(f"iaf_lesion_min_size ({self.iaf_lesion_min_size}) must not exceed "
-                             f"iaf_lesion_max_size ({self.iaf_lesion_max_size})")
         return self
 
     def temperature_for(self, family: str) -> float:
@@ -180,18 +143,17 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         return self.temperature if self.temperature is not None else default_temperature(family)
 
     # ------------------------------------------------------------------ slice rule
+    def filter_options(self) -> FilterOptions:
+        """The chosen slice filter's options, read from this config's fields of those names."""
+        options = slice_filter(self.iaf_distance).options
+        return options.model_validate({name: getattr(self, name) for name in options.model_fields})
+
     def iaf(self, slices_u8: np.ndarray) -> np.ndarray:
         """IAF's kept slice numbers for uint8 slices (D, h, w, 3) (read on the [-1, 1] scale)."""
         return np.asarray(select_slices(
-            slices_u8, self.gamma, min_slices=self.min_slices, max_slices=self.max_slices,
-            keep_last=self.keep_last, distance=self.iaf_distance, percentile=self.iaf_percentile,
-            gamma_local=self.iaf_gamma_local, finding_threshold=self.iaf_finding_threshold,
-            span=self.iaf_span, shift=self.iaf_shift, finding_size=self.iaf_finding_size,
-            budget=self.slice_budget, lesion_threshold=self.iaf_lesion_threshold,
-            lesion_levels=self.iaf_lesion_levels,
-            lesion_max_span=self.iaf_lesion_max_span, lesion_min_size=self.iaf_lesion_min_size,
-            lesion_max_size=self.iaf_lesion_max_size, lesion_link=self.iaf_lesion_link,
-            lesion_max_side=self.iaf_lesion_max_side,
+            slices_u8, self.gamma, distance=self.iaf_distance, options=self.filter_options(),
+            budget=self.slice_budget, min_slices=self.min_slices, max_slices=self.max_slices,
+            keep_last=self.keep_last,
         ), dtype=np.int64)
 
     def slice_plan(self, slices_u8: np.ndarray) -> SlicePlan:
@@ -246,21 +208,12 @@ class MedPrunerConfig(PruningConfig, method="medpruner"):
         return slices_all and (not self.use_dins or self.tau >= 1.0)
 
     def label_parts(self) -> list[str]:
-        parts = [f"tau={_fmt(self.tau)}", f"gamma={_fmt(self.gamma)}"]
+        parts = [f"tau={fmt_number(self.tau)}", f"gamma={fmt_number(self.gamma)}"]
         if self.slice_budget is not None:
-            parts.append(f"budget={_fmt(self.slice_budget)}")
+            parts.append(f"budget={fmt_number(self.slice_budget)}")
         if self.iaf_distance != "mean":
             parts.append(f"iaf={self.iaf_distance}")
-            if self.iaf_distance == "patch_percentile":
-                parts.append(f"p={_fmt(self.iaf_percentile)}")
-            if self.iaf_distance == "local":
-                parts.append(f"gamma_local={_fmt(self.iaf_gamma_local)}")
-            if self.iaf_distance == "transient":
-                parts += [f"finding={_fmt(self.iaf_finding_threshold)}", f"span={self.iaf_span}",
-                          f"shift={self.iaf_shift}", f"size={self.iaf_finding_size}"]
-            if self.iaf_distance == "lesion":
-                parts += [f"blob={_fmt(self.iaf_lesion_threshold)}",
-                          f"levels={self.iaf_lesion_levels}", f"span={self.iaf_lesion_max_span}"]
+            parts += slice_filter(self.iaf_distance).label(self.filter_options())
         parts += [f"no_{flag[4:]}" for flag in ("use_iaf", "use_dins", "use_merge")
                   if not getattr(self, flag)]
         if self.merge_formula != "reference":

@@ -10,10 +10,7 @@ from pydantic import Field, model_validator
 from pruning.methods.base import PruningConfig
 from pruning.methods.selection import SlicePlan, check_depth
 from pruning.ops.iaf import budget_count, uniform_slices
-
-
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+from pruning.ops.labels import fmt_number
 
 
 class UniformConfig(PruningConfig, method="uniform"):
@@ -62,7 +59,7 @@ class UniformConfig(PruningConfig, method="uniform"):
 
     def label_parts(self) -> list[str]:
         if self.slice_budget is not None:
-            return [f"budget={_fmt(self.slice_budget)}"]
+            return [f"budget={fmt_number(self.slice_budget)}"]
         if self.uniform_slices is not None:
             return [f"slices={self.uniform_slices}"]
-        return [f"ratio={_fmt(self.uniform_ratio)}"]
+        return [f"ratio={fmt_number(self.uniform_ratio)}"]

@@ -41,4 +41,5 @@ class VisionZipConfig(PruningConfig, method="visionzip"):
         return self.visionzip_dominant >= 1.0 and self.max_slices is None
 
     def label_parts(self) -> list[str]:
-        return [f"dominant={self.visionzip_dominant:g}", f"contextual={self.visionzip_contextual:g}"]
+        return [f"dominant={self.visionzip_dominant:g}",
+                f"contextual={self.visionzip_contextual:g}"]

@@ -53,7 +53,8 @@ class PruneStats:
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"PruneStats.{name} must be >= 0, got {getattr(self, name)}")
         if self.slices_kept > self.slices_total:
-            raise ValueError(f"slices_kept ({self.slices_kept}) > slices_total ({self.slices_total})")
+            raise ValueError(f"slices_kept ({self.slices_kept}) > "
+                             f"slices_total ({self.slices_total})")
         if not self.tokens_kept <= self.tokens_after_iaf <= self.tokens_total:
             raise ValueError(
                 "need tokens_kept <= tokens_after_iaf <= tokens_total, got "
@@ -62,7 +63,8 @@ class PruneStats:
         self.tokens_per_slice = [int(c) for c in self.tokens_per_slice]
         if self.tokens_per_slice and sum(self.tokens_per_slice) != self.tokens_kept:
             raise ValueError(
-                f"tokens_per_slice sums to {sum(self.tokens_per_slice)}, tokens_kept is {self.tokens_kept}"
+                f"tokens_per_slice sums to {sum(self.tokens_per_slice)}, "
+                f"tokens_kept is {self.tokens_kept}"
             )
 
     @property
@@ -128,7 +130,8 @@ def aggregate_rates(samples: Iterable[PruneStats | Mapping[str, Any]]) -> dict[s
         result[name] = float(sum(present)) if present else math.nan
     for rate, (num, den) in _RATES.items():
         pairs = [
-            (a, b) for a, b in zip(counts[num], counts[den], strict=True) if a is not None and b is not None
+            (a, b) for a, b in zip(counts[num], counts[den], strict=True)
+            if a is not None and b is not None
         ]
         if not pairs:
             result[f"{rate}_mean"] = result[f"{rate}_pooled"] = math.nan

@@ -18,10 +18,12 @@ _DEVICE_BLOCK_BYTES = 256 * 1024 * 1024
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
-        raise TypeError(f"q and k must be torch tensors, got {type(q).__name__}, {type(k).__name__}")
+        raise TypeError(f"q and k must be torch tensors, got {type(q).__name__}, "
+                        f"{type(k).__name__}")
     if q.ndim not in (3, 4) or k.ndim != q.ndim:
         raise ValueError(
-            f"q and k must both be (B, H, N, d) or (H, N, d); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"q and k must both be (B, H, N, d) or (H, N, d); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
         )
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(

@@ -48,7 +48,8 @@ def hulu_l1_keep(token_pixels: torch.Tensor | np.ndarray, threshold: float = 0.1
     """
     pixels = _as_float_tensor(token_pixels, "token_pixels")
     if pixels.ndim != 3:
-        raise ValueError(f"token_pixels must be (T frames, n tokens, F values), got {tuple(pixels.shape)}")
+        raise ValueError("token_pixels must be (T frames, n tokens, F values), "
+                         f"got {tuple(pixels.shape)}")
     frames, n, _ = pixels.shape
     keep = torch.ones(frames, n, dtype=torch.bool, device=pixels.device)
     for t in range(1, frames):  # frame by frame: no (T, n, F) temporary
@@ -89,7 +90,8 @@ def visionzip_select(
     scores = _as_float_tensor(scores, "scores")
     if scores.ndim != 1 or scores.shape[0] != embeddings.shape[0]:
         raise ValueError(
-            f"scores must be (n,) with n = embeddings.shape[0] = {embeddings.shape[0]}, got {tuple(scores.shape)}"
+            f"scores must be (n,) with n = embeddings.shape[0] = {embeddings.shape[0]}, "
+            f"got {tuple(scores.shape)}"
         )
     if not 0.0 <= dominant_ratio <= 1.0:
         raise ValueError(f"dominant_ratio must be in [0, 1], got {dominant_ratio}")
@@ -128,12 +130,14 @@ def hiprune_select(
     last = _as_float_tensor(last_scores, "last_scores")
     if obj.ndim != 1 or obj.shape != last.shape:
         raise ValueError(
-            f"object_scores and last_scores must both be (N,), got {tuple(obj.shape)} and {tuple(last.shape)}"
+            f"object_scores and last_scores must both be (N,), got {tuple(obj.shape)} and "
+            f"{tuple(last.shape)}"
         )
     if grid_w < 1:
         raise ValueError(f"grid_w must be >= 1, got {grid_w}")
     if not 0.0 < ratio <= 1.0 or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"need 0 < ratio <= 1 and 0 <= alpha <= 1, got ratio={ratio}, alpha={alpha}")
+        raise ValueError(f"need 0 < ratio <= 1 and 0 <= alpha <= 1, got ratio={ratio}, "
+                         f"alpha={alpha}")
     n = obj.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=obj.device)

@@ -9,6 +9,16 @@ It runs on the CPU before the vision encoder, on slices at model resolution. Sli
 cross the process boundary as uint8 (0..255); for those the distance is computed on the integer
 differences and scaled, which is exact (the processor normalisation is affine per channel, so
 ``|x_a - x_b| = |u_a - u_b| * scale_c``) and about as fast as copying the volume.
+
+As slice filters (:mod:`pruning.ops.slice_filters`) the three walks are "mean", "patch_max" and
+"patch_percentile": :func:`walk_slices` (threshold) and :func:`walk_slices_within` (budget), with
+one options model each. Only ``iaf_percentile`` is a config key; the patch side and the channel
+scale stay keywords of :func:`anchor_slices` (an options field would become a new key of the
+MedPruner config, which inherits the options models).
+
+What every filter shares lives here too: :class:`FilterOptions` (the base of the options
+models), :func:`check_volume` / :func:`check_planes` (input checks), :func:`budget_count` and
+:func:`fill_evenly` (slice budgets).
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pruning.ops.labels import fmt_number
 
 # uint8 value -> [-1, 1] (rescale 1/255, normalise mean=std=0.5): a difference of 1 is 2/255.
 IAF_UINT8_SCALE = 2.0 / 255.0
@@ -26,6 +39,67 @@ WalkDistance = Literal["mean", "patch_max", "patch_percentile"]
 WALK_DISTANCES = ("mean", "patch_max", "patch_percentile")
 # Rows of uint8 |differences| summed in a uint16 accumulator cannot overflow: 257 * 255 < 2**16.
 _U16_ROWS = 256
+
+
+class FilterOptions(BaseModel):
+    """Base of every slice filter's options model: typed fields, unknown keys refused.
+
+    The field names are the config keys users write (``iaf_span``, ...): the MedPruner config
+    inherits the options models, so the models hold fields (and cross-field checks) only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MeanOptions(FilterOptions):
+    """Options of the "mean" filter (the paper's whole-slice distance): none."""
+
+
+class PatchMaxOptions(FilterOptions):
+    """Options of the "patch_max" filter: none (the patch side is a keyword of
+    :func:`anchor_slices`)."""
+
+
+class PatchPercentileOptions(FilterOptions):
+    """Options of the "patch_percentile" filter."""
+
+    iaf_percentile: float = Field(
+        99.0, ge=0.0, le=100.0, description="percentile over patches for 'patch_percentile'"
+    )
+
+
+def _check_dtype(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"slices must be uint8 or floating point, got dtype {arr.dtype}")
+    return arr
+
+
+def check_volume(slices: np.ndarray) -> np.ndarray:
+    """``slices`` as an array, checked to be (D, ...) with D >= 1 non-empty slices, uint8 or
+    floating point.
+
+    Raises:
+        ValueError: naming the shape or dtype found and what is valid.
+    """
+    arr = np.asarray(slices)
+    if arr.ndim < 2 or arr.shape[0] == 0 or arr[0].size == 0:
+        raise ValueError(
+            f"slices must have shape (D, ...) with D >= 1 non-empty slices, got {arr.shape}"
+        )
+    return _check_dtype(arr)
+
+
+def check_planes(slices: np.ndarray) -> np.ndarray:
+    """``slices`` as an array, checked to be (D, H, W) or channels-last (D, H, W, C<=4), uint8
+    or floating point (what the finding filters read).
+
+    Raises:
+        ValueError: naming the shape or dtype found and what is valid.
+    """
+    arr = np.asarray(slices)
+    if not (arr.ndim == 3 or (arr.ndim == 4 and 1 <= arr.shape[-1] <= 4)):
+        raise ValueError(f"expected slices (D, H, W) or (D, H, W, C<=4), got shape {arr.shape}")
+    return _check_dtype(arr)
 
 
 def uniform_slices(num_slices: int, budget: int) -> np.ndarray:
@@ -55,14 +129,15 @@ def _channel_scales(slices: np.ndarray, scale: float | Sequence[float] | None) -
     if scale is None:
         scale = IAF_UINT8_SCALE if slices.dtype == np.uint8 else 1.0
     scales = np.atleast_1d(np.asarray(scale, dtype=np.float64))
-    if scales.ndim != 1 or scales.size == 0 or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+    if (scales.ndim != 1 or scales.size == 0 or not np.all(np.isfinite(scales))
+            or np.any(scales <= 0)):
         raise ValueError(f"scale must be a positive number or one per channel, got {scale!r}")
     if scales.size > 1 and np.all(scales == scales[0]):
         scales = scales[:1]
     if scales.size > 1 and (slices.ndim < 3 or slices.shape[-1] != scales.size):
         raise ValueError(
-            f"{scales.size} per-channel scales need channels-last slices (D, H, W, {scales.size}); "
-            f"got shape {slices.shape}"
+            f"{scales.size} per-channel scales need channels-last slices "
+            f"(D, H, W, {scales.size}); got shape {slices.shape}"
         )
     return scales
 
@@ -111,7 +186,8 @@ def _mean_distance(slices: np.ndarray, scales: np.ndarray) -> Distance:
             if channels > 1:
                 return float(_u8_channel_sums(hi, channels) @ weights)
             # One scale for every element: the same exact sum in fewer numpy calls.
-            total = int(flat[:full].reshape(_U16_ROWS, -1).sum(axis=0, dtype=np.uint16).sum(dtype=np.uint64))
+            blocks = flat[:full].reshape(_U16_ROWS, -1).sum(axis=0, dtype=np.uint16)
+            total = int(blocks.sum(dtype=np.uint64))
             if full < flat.size:
                 total += int(flat[full:].sum(dtype=np.uint64))
             return total * float(weights[0])
@@ -146,7 +222,8 @@ def _patch_distance(
     weight = np.broadcast_to(scales, (channels,)) / channels
     row_starts = np.arange(0, height, patch)
     col_starts = np.arange(0, width, patch)
-    counts = np.outer(np.diff(np.append(row_starts, height)), np.diff(np.append(col_starts, width)))
+    counts = np.outer(np.diff(np.append(row_starts, height)),
+                      np.diff(np.append(col_starts, width)))
 
     def distance(i: int, j: int) -> float:
         diff = np.abs(slices[i].astype(np.float32) - slices[j].astype(np.float32))
@@ -175,14 +252,29 @@ def _anchor_walk(count: int, gamma: float, dist: Distance, names: np.ndarray) ->
     return kept
 
 
-def fill_evenly(kept: list[int], count: int, target: int) -> list[int]:
-    """Add positions (of ``count``) until ``target`` are kept, each time the evenly spaced
-    candidate farthest from every kept position."""
+def fill_evenly(kept: list[int], depth: int, target: int) -> list[int]:
+    """Add positions of ``depth`` until ``min(target, depth)`` are kept, each time the evenly
+    spaced candidate (:func:`uniform_slices` of the target) farthest from every kept position
+    (ties: the lowest; with nothing kept yet, the first candidate, slice 0).
+
+    The evenly spaced candidates always suffice: for ``t = min(target, depth)`` they are ``t``
+    distinct positions, so once every candidate not kept yet is added at least ``t`` are kept.
+
+    Args:
+        kept: positions already kept (distinct, in ``[0, depth)``).
+        depth: number of slices.
+        target: how many to keep.
+
+    Returns:
+        The kept positions, ascending.
+    """
+    target = min(target, depth)
     chosen = set(kept)
-    candidates = [int(c) for c in uniform_slices(count, target) if int(c) not in chosen]
+    candidates = [int(c) for c in uniform_slices(depth, target) if int(c) not in chosen]
     while len(chosen) < target and candidates:
-        kept_arr = np.fromiter(chosen, dtype=np.int64)
-        gaps = [int(np.min(np.abs(kept_arr - c))) for c in candidates]
+        kept_arr = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+        gaps = [int(np.min(np.abs(kept_arr - c))) if kept_arr.size else depth
+                for c in candidates]
         chosen.add(candidates.pop(int(np.argmax(gaps))))
     return sorted(chosen)
 
@@ -212,13 +304,11 @@ def _walk_distance(
 
 def _check_walk(slices: np.ndarray, distance: str, percentile: float, patch: int) -> np.ndarray:
     """Validated, contiguous slices (float16 widened: it would also accumulate in float16)."""
-    slices = np.asarray(slices)
-    if slices.ndim < 2 or slices.shape[0] == 0 or slices[0].size == 0:
-        raise ValueError(f"slices must have shape (D, ...) with D >= 1 non-empty slices, got {slices.shape}")
-    if slices.dtype != np.uint8 and not np.issubdtype(slices.dtype, np.floating):
-        raise ValueError(f"slices must be uint8 or floating point, got dtype {slices.dtype}")
+    slices = check_volume(slices)
     if distance not in WALK_DISTANCES:
-        raise ValueError(f"unknown IAF walk distance {distance!r}; valid: {list(WALK_DISTANCES)}")
+        raise ValueError(
+            f"unknown IAF walk distance {distance!r}; valid: {list(WALK_DISTANCES)}"
+        )
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     if patch < 1:
@@ -243,7 +333,10 @@ def anchor_slices(
             distances need (D, H, W) or channels-last (D, H, W, C).
         gamma: threshold on the distance.
         distance: "mean" (the paper's), "patch_max" or "patch_percentile".
-        percentile, patch, scale: see :func:`pruning.ops.slice_filters.select_slices`.
+        percentile: percentile in [0, 100] for "patch_percentile".
+        patch: patch side in pixels for the patch distances.
+        scale: factor turning element differences into the gamma scale, one number or one per
+            channel (channels-last). Default: 2/255 for uint8 input, 1 for float input.
 
     Returns:
         Ascending int64 positions of the kept slices.
@@ -310,3 +403,59 @@ def anchor_slices_within(
         if len(best) == count:
             break
     return np.asarray(best, dtype=np.int64)
+
+
+def _walk_keywords(options: FilterOptions) -> dict[str, float]:
+    """:func:`anchor_slices` keywords from a walk filter's options (``iaf_percentile``)."""
+    if isinstance(options, PatchPercentileOptions):
+        return {"percentile": options.iaf_percentile}
+    return {}
+
+
+def walk_slices(
+    slices: np.ndarray, gamma: float, options: FilterOptions, *, distance: WalkDistance
+) -> np.ndarray:
+    """Threshold rule of the walk filters: :func:`anchor_slices` with the filter's options.
+
+    Args:
+        slices: as :func:`anchor_slices`.
+        gamma: threshold on the distance.
+        options: :class:`MeanOptions`, :class:`PatchMaxOptions` or
+            :class:`PatchPercentileOptions`.
+        distance: which walk.
+
+    Returns:
+        Ascending int64 positions of the kept slices.
+    """
+    return anchor_slices(slices, gamma, distance=distance, **_walk_keywords(options))
+
+
+def walk_slices_within(
+    slices: np.ndarray, gamma: float, count: int, options: FilterOptions, *,
+    distance: WalkDistance,
+) -> np.ndarray:
+    """Budget rule of the walk filters: the walk at the smallest gamma that keeps at most
+    ``count`` slices (:func:`anchor_slices_within`), filled evenly to exactly ``min(count, D)``.
+
+    Args:
+        slices: as :func:`anchor_slices`.
+        gamma: unused (the budget decides); part of every budget rule's signature.
+        count: how many slices to keep (>= 1).
+        options: as :func:`walk_slices`.
+        distance: which walk.
+
+    Returns:
+        Ascending int64 positions, ``min(count, D)`` of them.
+    """
+    kept = anchor_slices_within(slices, count, distance=distance, **_walk_keywords(options))
+    return np.asarray(fill_evenly(kept.tolist(), len(slices), count), dtype=np.int64)
+
+
+def no_label(options: FilterOptions) -> list[str]:
+    """Label parts of a filter without options: none."""
+    return []
+
+
+def percentile_label(options: PatchPercentileOptions) -> list[str]:
+    """Label parts of "patch_percentile": ``p=99``."""
+    return [f"p={fmt_number(options.iaf_percentile)}"]

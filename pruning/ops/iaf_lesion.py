@@ -30,10 +30,11 @@ anatomy survives decides which slices outrank it; on real scans that outcome fli
 changes of the threshold, scan by scan. A slice on a compact blob at two levels is a steadier
 finding than one on a blob at one level, and ranking by the peak itself did worse.
 
-Without a budget the kept set is the paper's anchors at ``gamma`` (computed on the input as
-given) plus the findings. With a budget (:func:`pruning.ops.slice_filters.select_slices`),
-findings are ranked by score and the rest of the budget goes to anatomy anchors walked on the
-working grid.
+Without a budget (:func:`select_slices_lesion`) the kept set is the paper's anchors at
+``gamma`` (computed on the input as given) plus the findings. With a budget
+(:func:`select_slices_lesion_within`), findings are ranked by score and the rest of the budget
+goes to anatomy anchors walked on the working grid. As a slice filter
+(:mod:`pruning.ops.slice_filters`) it is "lesion", with :class:`LesionOptions`.
 
 The blob measure is on the [-1, 1] scale (a uint8 level is 2/255); a disc of contrast c at its
 scale measures about c / 4, so the default threshold 0.015 is about 8 uint8 levels of contrast
@@ -51,10 +52,46 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from pruning.ops.iaf import anchor_slices
+from pruning.ops.iaf import FilterOptions, anchor_slices, check_planes
+from pruning.ops.iaf_findings import findings_then_anchors, with_findings
+from pruning.ops.labels import fmt_number
 
-_K = 1.6  # ratio of the DoG's two Gaussians (approximates a Laplacian of Gaussian)
+
+class LesionOptions(FilterOptions):
+    """Options of the "lesion" filter (see the module docstring)."""
+
+    iaf_lesion_threshold: float = Field(
+        0.015, gt=0.0, le=2.0,
+        description="'lesion' IAF: blob measure ([-1, 1] scale, about a quarter of a blob's "
+        "contrast) a compact 3-D blob must exceed to make its slices findings (the lowest of "
+        "the levels)",
+    )
+    iaf_lesion_levels: int = Field(
+        2, ge=1, le=6, description="'lesion' IAF: blobs are sought at iaf_lesion_threshold "
+        "times 1, 2, 4, ...; slices are ranked by the number of levels they are found at")
+    iaf_lesion_max_span: int = Field(
+        8, ge=1, le=64, description="'lesion' IAF: longest finding in slices; longer 3-D "
+        "components (vessels, airways, outlines) are anatomy")
+    iaf_lesion_min_size: float = Field(
+        1.5, gt=0.0, le=64.0, description="'lesion' IAF: smallest blob scale, working-grid px")
+    iaf_lesion_max_size: float = Field(
+        12.0, gt=0.0, le=64.0, description="'lesion' IAF: largest blob scale, working-grid px")
+    iaf_lesion_link: int = Field(
+        1, ge=0, le=8, description="'lesion' IAF: in-plane drift (working-grid px) a blob may "
+        "make from one slice to the next and stay one component")
+    iaf_lesion_max_side: int = Field(
+        96, ge=8, le=512, description="'lesion' IAF: working grid, at most this many px per "
+        "side (slices are box-averaged down to it)")
+
+    @model_validator(mode="after")
+    def _check_lesion_sizes(self) -> LesionOptions:
+        # Named for this model: the MedPruner config inherits it beside its own validators.
+        if self.iaf_lesion_min_size > self.iaf_lesion_max_size:
+            raise ValueError(f"iaf_lesion_min_size ({self.iaf_lesion_min_size}) must not exceed "
+                             f"iaf_lesion_max_size ({self.iaf_lesion_max_size})")
+        return self
 
 
 def lesion_grid(slices: np.ndarray, max_side: int = 96) -> np.ndarray:
@@ -64,11 +101,7 @@ def lesion_grid(slices: np.ndarray, max_side: int = 96) -> np.ndarray:
     both sides to ``max_side``), which reads a quarter of the rows and costs far less than a
     full box average; channels are averaged only when they differ on the middle slice.
     """
-    arr = np.asarray(slices)
-    if not (arr.ndim == 3 or (arr.ndim == 4 and 1 <= arr.shape[-1] <= 4)):
-        raise ValueError(f"expected slices (D, H, W) or (D, H, W, C<=4), got shape {arr.shape}")
-    if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"slices must be uint8 or floating point, got dtype {arr.dtype}")
+    arr = check_planes(slices)
     if max_side < 2:
         raise ValueError(f"max_side must be >= 2 pixels, got {max_side}")
     depth, height, width = arr.shape[:3]
@@ -92,25 +125,6 @@ def lesion_grid(slices: np.ndarray, max_side: int = 96) -> np.ndarray:
         acc *= np.float32(2.0 / 255.0)
         acc -= np.float32(1.0)
     return acc
-
-
-def blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
-    """Signed in-plane DoG response, the largest magnitude over three scales; (D, h, w).
-
-    A DoG also answers at edges and along ridges (outlines, in-plane vessels); see
-    :func:`hessian_blob_response` for the blob-only measure the filter uses.
-    """
-    from scipy import ndimage
-
-    # a disc of diameter d answers best at sigma ~ d / (2 * sqrt(2))
-    sigmas = np.geomspace(min_size, max_size, 3) / (2 * math.sqrt(2))
-    best = np.zeros_like(grid)
-    for s in sigmas:
-        small = ndimage.gaussian_filter(grid, (0, s, s), truncate=2.5)
-        large = ndimage.gaussian_filter(grid, (0, _K * s, _K * s), truncate=2.5)
-        dog = small - large
-        np.copyto(best, dog, where=np.abs(dog) > np.abs(best))
-    return best
 
 
 def hessian_blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
@@ -276,39 +290,65 @@ def component_scores(response: np.ndarray, *, threshold: float, max_span: int, m
     return scores
 
 
+def _scores(grid: np.ndarray, options: LesionOptions) -> np.ndarray:
+    """:func:`lesion_scores` of a working grid with the filter's options."""
+    return lesion_scores(grid, threshold=options.iaf_lesion_threshold,
+                         levels=options.iaf_lesion_levels, max_span=options.iaf_lesion_max_span,
+                         min_size=options.iaf_lesion_min_size,
+                         max_size=options.iaf_lesion_max_size, link=options.iaf_lesion_link,
+                         max_side=options.iaf_lesion_max_side, grid=grid)
+
+
 def select_slices_lesion(
-    slices: np.ndarray,
-    gamma: float,
-    *,
-    threshold: float = 0.015,
-    levels: int = 2,
-    max_span: int = 8,
-    min_size: float = 1.5,
-    max_size: float = 12.0,
-    link: int = 1,
-    max_side: int = 96,
+    slices: np.ndarray, gamma: float, options: LesionOptions | None = None
 ) -> np.ndarray:
     """Lesion-preserving IAF for real anatomy: the paper's anchors at ``gamma`` plus every slice
-    on a compact 3-D blob peaking above ``threshold`` at one of the levels (see the module
-    docstring).
+    on a compact 3-D blob peaking above ``iaf_lesion_threshold`` at one of the levels (see the
+    module docstring).
 
     Args:
         slices: (D, H, W) or channels-last (D, H, W, C<=4), uint8 or float on [-1, 1].
         gamma: the paper's threshold for the anatomy anchors; ``gamma < 0`` keeps every slice.
-        threshold: blob measure a finding must exceed ([-1, 1] scale), > 0.
-        levels, max_span, min_size, max_size, link, max_side: see :func:`lesion_scores`.
+        options: :class:`LesionOptions` (None: the defaults); ``iaf_lesion_<name>`` is
+            :func:`lesion_scores`' ``<name>``.
 
     Returns:
         Ascending int64 indices of the kept slices.
 
     Raises:
-        ValueError: bad shape or options.
+        ValueError: bad shape or dtype.
     """
+    options = LesionOptions() if options is None else options
     slices = np.asarray(slices)
-    grid = lesion_grid(slices, max_side)
+    grid = lesion_grid(slices, options.iaf_lesion_max_side)
     if gamma < 0:
         return np.arange(slices.shape[0], dtype=np.int64)
-    scores = lesion_scores(grid, threshold=threshold, levels=levels, max_span=max_span,
-                           min_size=min_size, max_size=max_size, link=link, grid=grid)
-    anchors = anchor_slices(slices, gamma)
-    return np.union1d(anchors, np.flatnonzero(scores > 0)).astype(np.int64)
+    return with_findings(anchor_slices(slices, gamma), _scores(grid, options), 0.0)
+
+
+def select_slices_lesion_within(
+    slices: np.ndarray, gamma: float, count: int, options: LesionOptions | None = None
+) -> np.ndarray:
+    """Budget rule of "lesion": findings ranked by score, then anatomy anchors walked on the
+    working grid, then even filling (:func:`pruning.ops.iaf_findings.findings_then_anchors`).
+
+    The anchors are walked on the small working grid too: on full slices the budgeted walk
+    alone would cost several paper IAFs.
+
+    Args:
+        slices, options: as :func:`select_slices_lesion`.
+        gamma: unused (the budget decides); part of every budget rule's signature.
+        count: how many slices to keep (>= 1).
+
+    Returns:
+        Ascending int64 positions, ``min(count, D)`` of them.
+    """
+    options = LesionOptions() if options is None else options
+    grid = lesion_grid(slices, options.iaf_lesion_max_side)
+    return findings_then_anchors(grid, _scores(grid, options), 0.0, count)
+
+
+def lesion_label(options: LesionOptions) -> list[str]:
+    """Label parts of "lesion": ``blob=0.015,levels=2,span=8``."""
+    return [f"blob={fmt_number(options.iaf_lesion_threshold)}",
+            f"levels={options.iaf_lesion_levels}", f"span={options.iaf_lesion_max_span}"]

@@ -15,17 +15,32 @@ are dropped. This filter separates the two questions:
    anatomy, so all of them are kept, not only the first. Slices kept here do not become
    anchors.
 
-``gamma`` trades slices for anatomy coverage (the budget knob); ``gamma_local`` is a detection
-threshold on the same [-1, 1] scale (default 0.3: about 0.5 of contrast over 60 % of a
-4 x 4 window, well above the noise of the phantom benchmark and of typical CT at model size).
+``gamma`` trades slices for anatomy coverage (the budget knob); ``iaf_gamma_local``
+(:class:`LocalOptions`) is a detection threshold on the same [-1, 1] scale (default 0.3: about
+0.5 of contrast over 60 % of a 4 x 4 window, well above the noise of the phantom benchmark and
+of typical CT at model size). As a slice filter (:mod:`pruning.ops.slice_filters`) it is
+"local": :func:`select_slices_local` (threshold), :func:`select_slices_local_within` (budget).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from pruning.ops.iaf import anchor_slices
+from pruning.ops.iaf import FilterOptions, anchor_slices
+from pruning.ops.iaf_findings import findings_then_anchors, with_findings
 from pruning.ops.iaf_transient import working_grid
+from pruning.ops.labels import fmt_number
+
+
+class LocalOptions(FilterOptions):
+    """Options of the "local" filter."""
+
+    iaf_gamma_local: float = Field(
+        0.3, ge=0.0, le=2.0,
+        description="'local' IAF: threshold on the largest 4x4-window mean |difference| to an "
+        "anatomy anchor ([-1, 1] scale)",
+    )
 
 
 def local_distance(a: np.ndarray, b: np.ndarray, box: int = 4) -> float:
@@ -49,7 +64,9 @@ def _anchors(kept: np.ndarray, depth: int, forward: bool) -> np.ndarray:
     return out
 
 
-def local_scores(slices: np.ndarray, gamma: float, *, box: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def local_scores(
+    slices: np.ndarray, gamma: float, *, box: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """The paper's anchors at ``gamma`` (forward walk) and per slice the largest local distance
     to its anatomy anchors (forward and backward walks; 0 for the forward anchors).
 
@@ -76,7 +93,7 @@ def local_scores(slices: np.ndarray, gamma: float, *, box: int = 4) -> tuple[np.
 
 
 def select_slices_local(
-    slices: np.ndarray, gamma: float, *, gamma_local: float = 0.3, box: int = 4
+    slices: np.ndarray, gamma: float, options: LocalOptions | None = None, *, box: int = 4
 ) -> np.ndarray:
     """Lesion-preserving IAF: anatomy anchors (paper rule, ``gamma``) plus local findings.
 
@@ -85,7 +102,8 @@ def select_slices_local(
             float already on the [-1, 1] scale.
         gamma: the paper's threshold on the whole-slice mean |difference| ([-1, 1] scale);
             ``gamma < 0`` keeps every slice.
-        gamma_local: threshold on the local (windowed) mean |difference| to an anatomy anchor.
+        options: ``iaf_gamma_local``, the threshold on the local (windowed) mean |difference|
+            to an anatomy anchor (None: the defaults).
         box: window side in pixels for the local distance.
 
     Returns:
@@ -94,10 +112,36 @@ def select_slices_local(
     Raises:
         ValueError: bad shape or dtype, ``box`` < 1 or larger than a slice.
     """
+    options = LocalOptions() if options is None else options
     if gamma < 0:
         grey_shape = working_grid(slices[:1], max_side=None).shape
         if not 1 <= box <= min(grey_shape[1:]):
             raise ValueError(f"box must be in [1, {min(grey_shape[1:])}], got {box}")
         return np.arange(np.asarray(slices).shape[0], dtype=np.int64)
     anchors, scores = local_scores(slices, gamma, box=box)
-    return np.union1d(anchors, np.flatnonzero(scores > gamma_local)).astype(np.int64)
+    return with_findings(anchors, scores, options.iaf_gamma_local)
+
+
+def select_slices_local_within(
+    slices: np.ndarray, gamma: float, count: int, options: LocalOptions | None = None, *,
+    box: int = 4,
+) -> np.ndarray:
+    """Budget rule of "local": findings ranked by their local distance, then anchors, then
+    even filling (:func:`pruning.ops.iaf_findings.findings_then_anchors`).
+
+    Args:
+        slices, options, box: as :func:`select_slices_local`.
+        gamma: the anchors the local distances are measured against (negative reads as 0).
+        count: how many slices to keep (>= 1).
+
+    Returns:
+        Ascending int64 positions, ``min(count, D)`` of them.
+    """
+    options = LocalOptions() if options is None else options
+    _, scores = local_scores(slices, max(gamma, 0.0), box=box)
+    return findings_then_anchors(slices, scores, options.iaf_gamma_local, count)
+
+
+def local_label(options: LocalOptions) -> list[str]:
+    """Label parts of "local": ``gamma_local=0.3``."""
+    return [f"gamma_local={fmt_number(options.iaf_gamma_local)}"]

@@ -33,6 +33,11 @@ working grid. The defaults suit the phantom benchmark (3-8 px lesions on 64 px s
 real CT small anatomy is transient too (lung vessels), and with these defaults nearly every
 slice of a chest CT counts as a finding: ``shift`` and ``size`` must be raised to the scale
 of the findings that matter.
+
+As a slice filter (:mod:`pruning.ops.slice_filters`) it is "transient", with
+:class:`TransientOptions` (``iaf_finding_threshold``, ``iaf_span``, ``iaf_shift`` and
+``iaf_finding_size`` are ``threshold``, ``span``, ``shift`` and ``size`` above):
+:func:`select_slices_transient` (threshold) and :func:`select_slices_transient_within` (budget).
 """
 
 from __future__ import annotations
@@ -40,16 +45,33 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import Field
 
-from pruning.ops.iaf import anchor_slices
+from pruning.ops.iaf import FilterOptions, anchor_slices, check_planes
+from pruning.ops.iaf_findings import findings_then_anchors, with_findings
+from pruning.ops.labels import fmt_number
 
 
-def _check_slices(arr: np.ndarray) -> None:
-    """Raise ValueError unless ``arr`` is (D, H, W) or (D, H, W, C<=4), uint8 or floating."""
-    if not (arr.ndim == 3 or (arr.ndim == 4 and 1 <= arr.shape[-1] <= 4)):
-        raise ValueError(f"expected slices (D, H, W) or (D, H, W, C<=4), got shape {arr.shape}")
-    if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"slices must be uint8 or floating point, got dtype {arr.dtype}")
+class TransientOptions(FilterOptions):
+    """Options of the "transient" filter."""
+
+    iaf_finding_threshold: float = Field(
+        0.2, ge=0.0, le=2.0,
+        description="'transient' IAF: a slice is a finding when a region matches neither its "
+        "neighbour before nor after it by more than this ([-1, 1] scale)",
+    )
+    iaf_span: int = Field(4, ge=1, le=64, description="'transient' IAF: longest finding, in slices")
+    iaf_shift: int = Field(
+        1, ge=0, le=8,
+        description="'transient' IAF: how far anatomy may move between neighbouring slices "
+        "without counting as a finding, in pixels of the working grid (slices box-averaged "
+        "to at most 128 px per side)",
+    )
+    iaf_finding_size: int = Field(
+        2, ge=1, le=32,
+        description="'transient' IAF: side of the square (working-grid pixels) a finding must "
+        "cover",
+    )
 
 
 def working_grid(slices: np.ndarray, max_side: int | None = 128) -> np.ndarray:
@@ -61,8 +83,7 @@ def working_grid(slices: np.ndarray, max_side: int | None = 128) -> np.ndarray:
     taken as already on [-1, 1]. One slice is converted at a time, so no full-volume float
     copy of the input is made.
     """
-    arr = np.asarray(slices)
-    _check_slices(arr)
+    arr = check_planes(slices)
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1 pixel, got {max_side}")
     depth, height, width = arr.shape[:3]
@@ -158,25 +179,28 @@ def transient_scores(
     return scores
 
 
+def _scores(slices: np.ndarray, options: TransientOptions, max_side: int) -> np.ndarray:
+    """:func:`transient_scores` with the filter's options."""
+    return transient_scores(slices, span=options.iaf_span, shift=options.iaf_shift,
+                            size=options.iaf_finding_size, max_side=max_side)
+
+
 def select_slices_transient(
     slices: np.ndarray,
     gamma: float,
+    options: TransientOptions | None = None,
     *,
-    threshold: float = 0.2,
-    span: int = 4,
-    shift: int = 1,
-    size: int = 2,
     max_side: int = 128,
 ) -> np.ndarray:
     """Lesion-preserving IAF: the paper's anatomy anchors (``gamma``) plus transient findings.
 
     Args:
-        slices: (D, H, W) or channels-last (D, H, W, C) at model resolution, uint8 (0..255) or
-            float already on the [-1, 1] scale.
-        gamma: the paper's threshold on the whole-slice mean |difference| ([-1, 1] scale);
-            ``gamma < 0`` keeps every slice.
-        threshold: a slice whose :func:`transient_scores` value exceeds this is kept.
-        span, shift, size, max_side: see :func:`transient_scores`.
+        slices, gamma: as :func:`pruning.ops.iaf_local.select_slices_local`.
+        options: a slice whose :func:`transient_scores` value exceeds
+            ``iaf_finding_threshold`` is kept; ``iaf_span``, ``iaf_shift`` and
+            ``iaf_finding_size`` are the scores' ``span``, ``shift`` and ``size`` (None: the
+            defaults).
+        max_side: see :func:`transient_scores`.
 
     Returns:
         Ascending int64 indices of the kept slices.
@@ -184,13 +208,39 @@ def select_slices_transient(
     Raises:
         ValueError: bad shape or options (see :func:`transient_scores`).
     """
-    slices = np.asarray(slices)
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    options = TransientOptions() if options is None else options
     if gamma < 0:
-        _check_slices(slices)
-        return np.arange(slices.shape[0], dtype=np.int64)
+        return np.arange(check_planes(slices).shape[0], dtype=np.int64)
     anchors = anchor_slices(slices, gamma)  # the paper's rule on the input as given
-    scores = transient_scores(slices, span=span, shift=shift, size=size, max_side=max_side)
-    findings = np.flatnonzero(scores > threshold)
-    return np.union1d(anchors, findings).astype(np.int64)
+    return with_findings(anchors, _scores(slices, options, max_side),
+                         options.iaf_finding_threshold)
+
+
+def select_slices_transient_within(
+    slices: np.ndarray,
+    gamma: float,
+    count: int,
+    options: TransientOptions | None = None,
+    *,
+    max_side: int = 128,
+) -> np.ndarray:
+    """Budget rule of "transient": findings ranked by score, then anchors, then even filling
+    (:func:`pruning.ops.iaf_findings.findings_then_anchors`).
+
+    Args:
+        slices, options, max_side: as :func:`select_slices_transient`.
+        gamma: unused (the budget decides); part of every budget rule's signature.
+        count: how many slices to keep (>= 1).
+
+    Returns:
+        Ascending int64 positions, ``min(count, D)`` of them.
+    """
+    options = TransientOptions() if options is None else options
+    scores = _scores(slices, options, max_side)
+    return findings_then_anchors(slices, scores, options.iaf_finding_threshold, count)
+
+
+def transient_label(options: TransientOptions) -> list[str]:
+    """Label parts of "transient": ``finding=0.2,span=4,shift=1,size=2``."""
+    return [f"finding={fmt_number(options.iaf_finding_threshold)}", f"span={options.iaf_span}",
+            f"shift={options.iaf_shift}", f"size={options.iaf_finding_size}"]

@@ -39,15 +39,18 @@ def count_contextual(n: int, m: int, ratio: float) -> int:
 def _check_inputs(embeddings: torch.Tensor, keys: torch.Tensor, primary: torch.Tensor) -> int:
     if embeddings.ndim != 2 or keys.ndim != 2:
         raise ValueError(
-            f"embeddings must be (n, D) and keys (n, d); got {tuple(embeddings.shape)} and {tuple(keys.shape)}"
+            f"embeddings must be (n, D) and keys (n, d); got {tuple(embeddings.shape)} and "
+            f"{tuple(keys.shape)}"
         )
     n = embeddings.shape[0]
     if keys.shape[0] != n:
         raise ValueError(f"embeddings have {n} tokens but keys have {keys.shape[0]}")
     if primary.ndim != 1 or primary.dtype.is_floating_point or primary.dtype == torch.bool:
-        raise ValueError(f"primary must be a 1-D integer index tensor, got {primary.dtype} {tuple(primary.shape)}")
+        raise ValueError(f"primary must be a 1-D integer index tensor, got {primary.dtype} "
+                         f"{tuple(primary.shape)}")
     if primary.numel() and (int(primary.min()) < 0 or int(primary.max()) >= n):
-        raise ValueError(f"primary indices must lie in [0, {n}), got range [{int(primary.min())}, {int(primary.max())}]")
+        raise ValueError(f"primary indices must lie in [0, {n}), got range "
+                         f"[{int(primary.min())}, {int(primary.max())}]")
     return n
 
 

@@ -12,7 +12,8 @@ import torch
 
 def _check(scores: torch.Tensor, tau: float, temperature: float, min_tokens: int) -> None:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating point torch tensor, got {type(scores).__name__}")
+        raise TypeError("scores must be a floating point torch tensor, "
+                        f"got {type(scores).__name__}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0 (tau >= 1 keeps every token), got {tau}")
     if not temperature > 0:
@@ -71,6 +72,7 @@ def nucleus_select(
         ValueError: for a non-1-D tensor, NaN scores, tau <= 0, temperature <= 0, min_tokens < 1.
     """
     if isinstance(scores, torch.Tensor) and scores.ndim != 1:
-        raise ValueError(f"scores must be 1-D (n,), got shape {tuple(scores.shape)}; use nucleus_mask for batches")
+        raise ValueError(f"scores must be 1-D (n,), got shape {tuple(scores.shape)}; "
+                         "use nucleus_mask for batches")
     mask = nucleus_mask(scores, tau, temperature=temperature, min_tokens=min_tokens)
     return torch.nonzero(mask, as_tuple=True)[0]

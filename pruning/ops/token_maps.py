@@ -41,7 +41,8 @@ def group_mean(
     moved = values.movedim(dim, 0)  # (N, ...)
     patches = moved.shape[0]
     if patches % group:
-        raise ValueError(f"{patches} patches (dim {dim}) are not a multiple of the group size {group}")
+        raise ValueError(f"{patches} patches (dim {dim}) are not a multiple of the group size "
+                         f"{group}")
     tokens = moved.reshape(patches // group, group, *moved.shape[1:]).mean(dim=1)  # (K, ...)
     if perm is not None:
         perm = torch.as_tensor(perm, device=values.device).long()

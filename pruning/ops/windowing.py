@@ -54,7 +54,8 @@ def apply_window(volume: np.ndarray, low: float, high: float) -> np.ndarray:
     """
     if not high > low:
         raise ValueError(f"window high ({high}) must be greater than low ({low})")
-    scaled = (np.asarray(volume, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    scaled = ((np.asarray(volume, dtype=np.float32) - np.float32(low))
+              * np.float32(255.0 / (high - low)))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 

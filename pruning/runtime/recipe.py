@@ -1,8 +1,8 @@
 """Slice recipe: how one 3D volume becomes model-resolution RGB slices, and which slices stay.
 
 A :class:`SliceRecipe` is small, picklable and torch-free, so the CPU side of a pipeline can
-window and resize slices (and a method then choose among them) before anything reaches the GPU. It is
-derived from a checkpoint's JSON files only (:func:`load_recipe`), never its weights.
+window and resize slices (and a method then choose among them) before anything reaches the GPU.
+It is derived from a checkpoint's JSON files only (:func:`load_recipe`), never its weights.
 
 Defaults, documented once here:
 - CT in Hounsfield units is shown through the ``soft_tissue`` window (W400 / L40); MedGemma's
@@ -10,7 +10,9 @@ Defaults, documented once here:
 - uint8 input is taken as already windowed; other modalities (MR, ...) are min-max scaled.
 - Each volume's slices are resized from their own size by the checkpoint processor's rule and
   resampling filter (Qwen: ``smart_resize`` with the processor's min / max pixels; Gemma3: its
-  fixed size), so token counts equal what the HF processor gives for those slices.
+  fixed size; Hulu-Med / VideoLLaMA3: the video processor's ``smart_resize`` at merge size 2,
+  whose max pixels are the whole volume's budget, divided by its number of slices), so token
+  counts equal what the HF processor gives for those slices.
   ``slice_size`` forces one size for every volume instead (uniform batches): slices are then
   resized as the processor would resize a slice of that size.
 - ``gamma`` refers to the IAF scale of mean = std = 0.5, i.e. values in [-1, 1]
@@ -50,6 +52,9 @@ class SliceRecipe(BaseModel):
     patch_factor: int = Field(28, ge=1, description="Qwen: patch size x merge size")
     min_pixels: int = Field(56 * 56, ge=1, description="Qwen: smallest slice area in pixels")
     max_pixels: int = Field(28 * 28 * 1280, ge=1, description="Qwen: largest slice area")
+    per_volume_budget: bool = Field(
+        False, description="max_pixels is the budget of the whole volume, divided by its number "
+        "of slices (VideoLLaMA3's video processor: Hulu-Med's 3-D input)")
     fixed_grid: tuple[int, int] | None = Field(
         None, description="LLM tokens per slice as rows x cols when fixed (Gemma3)")
     image_mean: tuple[float, float, float] = Field(description="processor mean per channel")
@@ -60,13 +65,21 @@ class SliceRecipe(BaseModel):
     rgb_packing: bool = Field(default=False, description="MedGemma three-window RGB packing")
 
     # ----------------------------------------------------------------- geometry
-    def size_for(self, height: int, width: int) -> tuple[int, int]:
-        """Model input (h, w) for slices of ``height`` x ``width`` pixels."""
+    def size_for(self, height: int, width: int, slices: int = 1) -> tuple[int, int]:
+        """Model input (h, w) for a volume of ``slices`` slices of ``height`` x ``width`` pixels
+        (the slice count matters only with :attr:`per_volume_budget`)."""
         if self.fixed_size is not None:
             return self.fixed_size
         if self.slice_size is not None:
             height, width = self.slice_size
-        return smart_resize(height, width, self.patch_factor, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.patch_factor, self.min_pixels,
+                            self._max_pixels(slices))
+
+    def _max_pixels(self, slices: int) -> int:
+        """Largest slice area for a volume of ``slices`` slices."""
+        if not self.per_volume_budget:
+            return self.max_pixels
+        return max(1, self.max_pixels // max(1, slices))
 
     def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """LLM tokens per slice as (rows, cols) for model-input slices of ``size``."""
@@ -80,7 +93,8 @@ class SliceRecipe(BaseModel):
         return rows * cols
 
     # ----------------------------------------------------------------- preparation
-    def prepare(self, volume: np.ndarray | Sequence[np.ndarray], modality: str = "CT") -> np.ndarray:
+    def prepare(self, volume: np.ndarray | Sequence[np.ndarray],
+                modality: str = "CT") -> np.ndarray:
         """Window, resize and convert a volume to uint8 RGB slices at the model size.
 
         Args:
@@ -90,7 +104,8 @@ class SliceRecipe(BaseModel):
                 anything else is min-max scaled.
 
         Returns:
-            (D, h, w, 3) uint8 with (h, w) = :meth:`size_for` of the slices' own size.
+            (D, h, w, 3) uint8 with (h, w) = :meth:`size_for` of the slices' own size (and, with
+            a per-volume budget, of D).
 
         Raises:
             ValueError: wrong ndim, empty volume, non-finite values, mismatched slice sizes.
@@ -98,7 +113,8 @@ class SliceRecipe(BaseModel):
         arr = check_volume(volume)
         if arr.dtype != np.uint8:
             if modality.upper() == "CT" and arr.ndim == 3:
-                arr = pack_three_windows(arr) if self.rgb_packing else apply_named_window(arr, self.window)
+                arr = (pack_three_windows(arr) if self.rgb_packing
+                       else apply_named_window(arr, self.window))
             else:
                 arr = to_uint8_minmax(arr)
         arr = self._resize(arr)
@@ -106,14 +122,27 @@ class SliceRecipe(BaseModel):
             arr = np.repeat(arr[..., None], 3, axis=-1)
         return np.ascontiguousarray(arr)
 
-    def is_prepared(self, volume: np.ndarray) -> bool:
-        """True if ``volume`` is already uint8 (D, h, w, 3) at the size the recipe gives it."""
-        return (isinstance(volume, np.ndarray) and volume.dtype == np.uint8 and volume.ndim == 4
-                and volume.shape[-1] == 3
-                and tuple(volume.shape[1:3]) == self.size_for(*volume.shape[1:3]))
+    def is_prepared(self, volume: np.ndarray, slices: int | None = None) -> bool:
+        """True if ``volume`` is already uint8 (D, h, w, 3) at the size the recipe gives it.
+
+        ``slices`` is the depth of the volume it was prepared from (default D): the planned
+        slices of a larger volume keep the size that volume's budget gave them.
+        """
+        if not (isinstance(volume, np.ndarray) and volume.dtype == np.uint8 and volume.ndim == 4
+                and volume.shape[-1] == 3):
+            return False
+        h, w = int(volume.shape[1]), int(volume.shape[2])
+        slices = int(volume.shape[0]) if slices is None else slices
+        if (h, w) == self.size_for(h, w, slices):
+            return True
+        # Below the minimum area only because the volume's budget shrank it: smart_resize
+        # would grow it again, yet it is the size this volume's slices were given.
+        factor, budget = self.patch_factor, self._max_pixels(slices)
+        return (self.per_volume_budget and self.fixed_size is None and self.slice_size is None
+                and h % factor == 0 and w % factor == 0 and h * w <= budget < self.min_pixels)
 
     def _resize(self, arr: np.ndarray) -> np.ndarray:
-        h, w = self.size_for(int(arr.shape[1]), int(arr.shape[2]))
+        h, w = self.size_for(int(arr.shape[1]), int(arr.shape[2]), int(arr.shape[0]))
         if arr.shape[1:3] == (h, w):
             return arr
         from PIL import Image
@@ -124,7 +153,8 @@ class SliceRecipe(BaseModel):
         return out
 
     # ----------------------------------------------------------------- normalisation
-    def lut(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    def lut(self, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None) -> np.ndarray:
         """(3, 256) float32 table reproducing the HF numpy ops exactly for every uint8 value.
 
         Defaults to the processor's own mean / std.
@@ -161,7 +191,8 @@ def check_volume(volume: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
             raise ValueError("expected a volume with at least one slice, got an empty sequence")
         shapes = {np.shape(s) for s in volume}
         if len(shapes) != 1:
-            raise ValueError(f"mismatched slice sizes {sorted(shapes)}; all slices must have one shape")
+            raise ValueError(f"mismatched slice sizes {sorted(shapes)}; all slices must have "
+                             "one shape")
         volume = np.stack([np.asarray(s) for s in volume])
     arr = np.asarray(volume)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
@@ -192,6 +223,15 @@ def image_processor_config(ckpt: Path) -> dict[str, Any]:
     return dict(_read_json(ckpt / "processor_config.json").get("image_processor", {}))
 
 
+def video_processor_config(ckpt: Path) -> dict[str, Any]:
+    """The video-processor JSON of a checkpoint (video_preprocessor_config or
+    processor_config), or ``{}`` when it has none."""
+    pre = _read_json(ckpt / "video_preprocessor_config.json")
+    if pre:
+        return pre
+    return dict(_read_json(ckpt / "processor_config.json").get("video_processor", {}))
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int,
                  max_pixels: int) -> tuple[int, int]:
     """Qwen's resize rule: multiples of ``factor``, pixel count within [min, max]."""
@@ -212,16 +252,23 @@ def recipe_from_configs(
     config: dict[str, Any],
     proc: dict[str, Any],
     *,
+    video: dict[str, Any] | None = None,
     slice_size: tuple[int, int] | None = None,
     window: str = "soft_tissue",
     rgb_packing: bool = False,
 ) -> SliceRecipe:
     """Build the recipe from a checkpoint's ``config.json`` and image-processor JSON dicts.
 
+    ``video`` is the video processor's JSON: Hulu-Med (VideoLLaMA3) shows a volume as a video
+    of its slices, so its video processor sizes them (merge size 2, the max pixels shared by
+    all slices); without one, its image processor's settings are read at merge size 2.
     ``slice_size`` (height, width), when given, resizes every volume as the processor would
     resize a slice of that size; by default each volume is resized from its own size.
     """
     family = family_for_config(config)
+    video_frames = family == "hulu_med"
+    if video_frames and video:
+        proc = video
     mean = tuple(proc.get("image_mean", (0.5, 0.5, 0.5)))
     std = tuple(proc.get("image_std", (0.5, 0.5, 0.5)))
     common = dict(family=family, image_mean=mean, image_std=std, window=window,
@@ -235,11 +282,15 @@ def recipe_from_configs(
                            resample=proc.get("resample", 2), **common)
     vision = config.get("vision_config", {})
     patch = int(proc.get("patch_size", vision.get("patch_size", 14)))
-    merge = int(proc.get("merge_size", vision.get("spatial_merge_size", 2)))
+    # Hulu-Med's 3-D input is a video: merge size 2 (its images use 1), whatever the image
+    # processor's own default says.
+    merge = 2 if video_frames and not video else int(
+        proc.get("merge_size", vision.get("spatial_merge_size", 2)))
     size = proc.get("size") or {}
     min_px = int(proc.get("min_pixels") or size.get("shortest_edge", 56 * 56))
     max_px = int(proc.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280))
     return SliceRecipe(patch_factor=patch * merge, min_pixels=min_px, max_pixels=max_px,
+                       per_volume_budget=video_frames and bool(video),
                        resample=proc.get("resample", 3), **common)
 
 
@@ -265,5 +316,6 @@ def load_recipe(
     config = _read_json(ckpt / "config.json")
     if not config:
         raise FileNotFoundError(f"no config.json in checkpoint {ckpt}")
-    return recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,
+    return recipe_from_configs(config, image_processor_config(ckpt),
+                               video=video_processor_config(ckpt), slice_size=slice_size,
                                window=window, rgb_packing=rgb_packing)

@@ -49,6 +49,7 @@ from pruning.runtime.recipe import (
     check_volume,
     image_processor_config,
     recipe_from_configs,
+    video_processor_config,
 )
 from pruning.runtime.sequence import (
     ModelParts,
@@ -266,7 +267,7 @@ class VLM:
     def _slice_stage(self, i: int, volume, pruning: PruningConfig, modality: str,
                      plan: SlicePlan | None) -> tuple[SlicePlan, np.ndarray, float]:
         """(plan, the planned slices prepared as uint8 (n, h, w, 3), seconds)."""
-        if not self.recipe.is_prepared(volume):
+        if not self.recipe.is_prepared(volume, None if plan is None else plan.total):
             volume = self.recipe.prepare(check_volume(volume), modality)
         if plan is not None:
             if volume.shape[0] != plan.encode.size:
@@ -397,7 +398,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
             module.to(dev)
     adapter.bind(net)
     processor = adapter.load_processor(ckpt)
-    recipe = recipe_from_configs(config, image_processor_config(ckpt), slice_size=slice_size,
+    recipe = recipe_from_configs(config, image_processor_config(ckpt),
+                                 video=video_processor_config(ckpt), slice_size=slice_size,
                                  window=window, rgb_packing=rgb_packing)
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
     vlm = VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)

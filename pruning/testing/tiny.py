@@ -1,137 +1,54 @@
 """Offline tiny checkpoints of every supported VLM family, for tests and benchmarks.
 
 ``make_tiny_vlm(family, out_dir)`` writes a checkpoint directory laid out like a real one
-(``config.json``, safetensors weights, ``generation_config.json``, tokenizer files,
-``preprocessor_config.json``, ``chat_template.jinja``), so :func:`pruning.runtime.vlm.load_vlm` opens it
-through exactly the code path it uses for a real MedGemma / Qwen checkpoint. Nothing is
-downloaded: the tokenizer is a byte-level BPE trained here with ``tokenizers`` on a few
-sentences, and the weights are random.
+(``config.json``, safetensors weights, ``generation_config.json``, tokenizer files, the
+processor's JSON, ``chat_template.jinja``), so :func:`pruning.runtime.vlm.load_vlm` opens it
+through exactly the code path it uses for a real MedGemma / Qwen / Hulu-Med checkpoint. Nothing
+is downloaded: the tokenizer is a byte-level BPE trained here with ``tokenizers`` on a few
+sentences (:mod:`pruning.testing.tokenizers`), and the weights are random.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "gemma3")
+from pruning.runtime.conversion import native_processor_config
+from pruning.runtime.conversion.configs import CHAT_TEMPLATE
+from pruning.testing.tokenizers import (
+    CHAT_TEMPLATES,
+    QWEN_SPECIALS,
+    gemma_tokenizer,
+    hulu_med_tokenizer,
+    qwen_tokenizer,
+)
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "gemma3", "hulu_med")
 SIZES = ("tiny", "bench")
-
-_CORPUS = (
-    "Findings: the liver shows a hypodense lesion in segment four. Impression: likely cyst.",
-    "No acute abnormality. The kidneys, spleen and pancreas are normal in size.",
-    "The lungs are clear. There is no pleural effusion or pneumothorax.",
-    "A 2 cm nodule is seen in the right lower lobe. Recommend follow-up CT.",
-    "Which organ contains the lesion? A. liver B. kidney C. spleen D. lung",
-    "Answer with the letter of the correct option. How many lesions are visible?",
-    "You are a helpful assistant. Please generate a report for the given images.",
-    "SLICE 1: SLICE 2: SLICE 10: SLICE 64: axial CT slice of the abdomen and chest.",
-)
-
-_QWEN_SPECIALS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-# Chat templates in the published formats of each family (what the real checkpoints ship).
-_QWEN_CONTENT = (
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' or 'video' in item %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-)
-CHAT_TEMPLATES: dict[str, str] = {
-    "qwen2_5_vl": (
-        "{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}"
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-        "<|im_start|>{{ message['role'] }}\n" + _QWEN_CONTENT + "<|im_end|>\n"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "qwen3_vl": (
-        "{% for message in messages %}"
-        "<|im_start|>{{ message['role'] }}\n" + _QWEN_CONTENT + "<|im_end|>\n"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "gemma3": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-        "<start_of_turn>{{ role }}\n"
-        "{% if message['content'] is string %}{{ message['content'] | trim }}"
-        "{% else %}{% for item in message['content'] %}"
-        "{% if item['type'] == 'image' %}<start_of_image>"
-        "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
-        "{% endfor %}{% endif %}"
-        "<end_of_turn>\n"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-    ),
-}
-_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
-_GEMMA_NAMED = {
-    "boi_token": "<start_of_image>",
-    "eoi_token": "<end_of_image>",
-    "image_token": "<image_soft_token>",
-    "sot_token": "<start_of_turn>",
-    "eot_token": "<end_of_turn>",
-}
-
-
-def _train_bpe(vocab_size: int, *, gemma: bool) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a small BPE on :data:`_CORPUS`; Gemma style uses '▁' spaces and byte fallback."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    if gemma:
-        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
-        specials = list(_GEMMA_SPECIALS) + list(_GEMMA_NAMED.values())
-        specials += [f"<0x{i:02X}>" for i in range(256)]
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
-    else:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-    tok.train_from_iterator(list(_CORPUS) * 4, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return dict(model["vocab"]), merges
-
-
-def _qwen_tokenizer():
-    from transformers import Qwen2Tokenizer
-
-    vocab, merges = _train_bpe(480, gemma=False)
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=list(_QWEN_SPECIALS))
-
-
-def _gemma_tokenizer():
-    from transformers import GemmaTokenizer
-
-    vocab, merges = _train_bpe(560, gemma=True)
-    return GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=dict(_GEMMA_NAMED))
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
     return {**base, **(extra or {})}
 
 
+@dataclass
+class _Parts:
+    """What one family contributes to a tiny checkpoint."""
+
+    config: Any  # the transformers config of the whole model
+    model_cls: type
+    tokenizer: Any
+    eos: int | list[int]
+    save_processor: Callable[[Path], None]  # writes the processor JSON and chat template
+    post_init: Callable[[Any], None] | None = None  # fixes applied to the random model
+
+
 def _qwen_configs(family: str, size: str, tok, image_size, patch_size, text_over, vision_over):
     """Return (config dict, image processor kwargs) for Qwen2.5-VL / Qwen3-VL."""
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     bench = size == "bench"
     if bench:
         text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -216,6 +133,111 @@ def _gemma_configs(size: str, tok, image_size, patch_size, text_over, vision_ove
     return config, proc
 
 
+def _hulu_med_configs(size: str, tok, image_size, patch_size, text_over, vision_over):
+    """Return (config dict, processor settings) for Hulu-Med (native VideoLLaMA3)."""
+    bench = size == "bench"
+    if bench:
+        text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4)
+    else:  # head_dim 32: vLLM's CPU attention refuses 16
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    text.update(model_type="qwen2", vocab_size=len(tok), max_position_embeddings=32768,
+                eos_token_id=im_end, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    patch = patch_size or (14 if bench else 4)
+    vision = dict(hidden_size=256 if bench else 32, intermediate_size=512 if bench else 64,
+                  num_hidden_layers=4 if bench else 2, num_attention_heads=4 if bench else 2,
+                  patch_size=patch)
+    config = {
+        "text_config": _merge(text, text_over),
+        "vision_config": _merge(vision, vision_over),
+        "image_token_id": tok.image_token_id,
+        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+        "tie_word_embeddings": False,
+    }
+    # Hulu-Med sizes slices by token counts; a video's max_tokens is shared by its frames.
+    # bench: VideoLLaMA3's defaults (16 .. 16384 tokens); tiny: 16 slices of image_size (32)
+    # pixels fit the budget, so the test volumes (< 16 slices of 40 px) keep their 40 px.
+    side_tokens = (image_size or 32) // (2 * patch)
+    proc = dict(patch_size=patch, min_tokens=16 if bench else 4,
+                max_tokens=16384 if bench and image_size is None else 16 * side_tokens ** 2,
+                image_mean=[0.48145466, 0.4578275, 0.40821073],
+                image_std=[0.26862954, 0.26130258, 0.27577711])
+    return config, proc
+
+
+def _qwen_parts(family, size, image_size, patch_size, text_over, vision_over, proc_over,
+                overrides) -> _Parts:
+    import transformers
+
+    tok = qwen_tokenizer()
+    cfg, proc_kw = _qwen_configs(family, size, tok, image_size, patch_size, text_over, vision_over)
+    image_processor = transformers.Qwen2VLImageProcessorPil(**_merge(proc_kw, proc_over))
+    qwen3 = family == "qwen3_vl"
+    config_cls = transformers.Qwen3VLConfig if qwen3 else transformers.Qwen2_5_VLConfig
+    model_cls = (transformers.Qwen3VLForConditionalGeneration if qwen3
+                 else transformers.Qwen2_5_VLForConditionalGeneration)
+
+    def save(out: Path) -> None:
+        image_processor.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATES[family])
+
+    return _Parts(config_cls(**_merge(cfg, overrides)), model_cls, tok,
+                  [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id], save)
+
+
+def _gemma_parts(family, size, image_size, patch_size, text_over, vision_over, proc_over,
+                 overrides) -> _Parts:
+    import torch
+    import transformers
+
+    tok = gemma_tokenizer()
+    cfg, proc_kw = _gemma_configs(size, tok, image_size, patch_size, text_over, vision_over)
+    image_processor = transformers.Gemma3ImageProcessorPil(**_merge(proc_kw, proc_over))
+    config = transformers.Gemma3Config(**_merge(cfg, overrides))
+
+    def randomise_projector(model) -> None:
+        # Gemma3 initialises its projector to zeros, which would make every image invisible.
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        std = config.initializer_range or 0.02
+        with torch.no_grad():
+            proj.normal_(0.0, max(std, 1.0 / proj.shape[0] ** 0.5))
+
+    def save(out: Path) -> None:
+        transformers.Gemma3Processor(
+            image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATES[family],
+            image_seq_length=config.mm_tokens_per_image,
+        ).save_pretrained(out)
+
+    return _Parts(config, transformers.Gemma3ForConditionalGeneration, tok,
+                  config.text_config.eos_token_id, save, randomise_projector)
+
+
+def _hulu_med_parts(family, size, image_size, patch_size, text_over, vision_over, proc_over,
+                    overrides) -> _Parts:
+    import transformers
+
+    tok = hulu_med_tokenizer()
+    cfg, proc_kw = _hulu_med_configs(size, tok, image_size, patch_size, text_over, vision_over)
+    processor = native_processor_config(**_merge(proc_kw, proc_over))
+
+    def save(out: Path) -> None:
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+    return _Parts(transformers.VideoLlama3Config(**_merge(cfg, overrides)),
+                  transformers.VideoLlama3ForConditionalGeneration, tok,
+                  [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id], save)
+
+
+_PARTS: dict[str, Callable[..., _Parts]] = {
+    "qwen2_5_vl": _qwen_parts, "qwen3_vl": _qwen_parts, "gemma3": _gemma_parts,
+    "hulu_med": _hulu_med_parts,
+}
+
+
 def make_tiny_vlm(
     family: str,
     out_dir: str | Path,
@@ -234,16 +256,18 @@ def make_tiny_vlm(
     Args:
         family: one of :data:`FAMILIES`.
         out_dir: directory to create (parents too); existing files are overwritten.
-        size: ``"tiny"`` (hidden 64, 2 LM layers, 16 visual tokens per slice) or ``"bench"``
+        size: ``"tiny"`` (hidden 64, 2 LM layers, 16-25 visual tokens per slice) or ``"bench"``
             (LM 8 layers x 512; vision tower at the family's real patch geometry and input
             resolution with fewer, narrower layers).
         seed: torch seed for the random weights.
         image_size: slice side in pixels the processor resizes to (default: tiny 32 for Qwen,
-            64 for Gemma3; bench: the real processor default).
+            64 for Gemma3; Hulu-Med: the side 16 slices fit its token budget at, 32; bench: the
+            real processor default).
         patch_size: vision patch size override.
         text_config, vision_config: keys merged into the sub-configs.
         processor_config: keys merged into the image processor's settings (e.g. Qwen's
-            ``size`` = ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}``).
+            ``size`` = ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}``;
+            Hulu-Med's ``min_tokens`` / ``max_tokens``).
         **config_overrides: top-level config keys; ``initializer_range`` is also applied to
             both sub-configs.
 
@@ -266,50 +290,20 @@ def make_tiny_vlm(
     if init_range is not None:
         text_config = {"initializer_range": init_range, **(text_config or {})}
         vision_config = {"initializer_range": init_range, **(vision_config or {})}
-
-    if family == "gemma3":
-        tok = _gemma_tokenizer()
-        cfg, proc_kw = _gemma_configs(size, tok, image_size, patch_size, text_config, vision_config)
-        proc_kw = _merge(proc_kw, processor_config)
-        config = transformers.Gemma3Config(**_merge(cfg, config_overrides))
-        model_cls = transformers.Gemma3ForConditionalGeneration
-        image_processor = transformers.Gemma3ImageProcessorPil(**proc_kw)
-        eos = config.text_config.eos_token_id
-    else:
-        tok = _qwen_tokenizer()
-        cfg, proc_kw = _qwen_configs(family, size, tok, image_size, patch_size,
-                                     text_config, vision_config)
-        proc_kw = _merge(proc_kw, processor_config)
-        config_cls = transformers.Qwen3VLConfig if family == "qwen3_vl" else transformers.Qwen2_5_VLConfig
-        config = config_cls(**_merge(cfg, config_overrides))
-        model_cls = (transformers.Qwen3VLForConditionalGeneration if family == "qwen3_vl"
-                     else transformers.Qwen2_5_VLForConditionalGeneration)
-        image_processor = transformers.Qwen2VLImageProcessorPil(**proc_kw)
-        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
-
+    parts = _PARTS[family](family, size, image_size, patch_size, text_config, vision_config,
+                           processor_config, config_overrides)
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    if family == "gemma3":
-        # Gemma3 initialises its projector to zeros, which would make every image invisible.
-        proj = model.model.multi_modal_projector.mm_input_projection_weight
-        std = config.initializer_range or 0.02
-        with torch.no_grad():
-            proj.normal_(0.0, max(std, 1.0 / proj.shape[0] ** 0.5))
+    model = parts.model_cls(parts.config).eval()
+    if parts.post_init is not None:
+        parts.post_init(model)
+    tok = parts.tokenizer
     model.generation_config = transformers.GenerationConfig(
-        eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=False,
+        eos_token_id=parts.eos, pad_token_id=tok.pad_token_id, do_sample=False,
         bos_token_id=tok.bos_token_id,
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    if family == "gemma3":
-        processor = transformers.Gemma3Processor(
-            image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATES[family],
-            image_seq_length=config.mm_tokens_per_image,
-        )
-        processor.save_pretrained(out)
-    else:
-        image_processor.save_pretrained(out)
-        (out / "chat_template.jinja").write_text(CHAT_TEMPLATES[family])
+    parts.save_processor(out)
     return out
 
 
@@ -317,16 +311,24 @@ def reference_inputs(vlm, slices_u8, prompt: str) -> dict[str, Any]:
     """Inputs the unmodified HF processor builds for the same slices and prompt.
 
     The slices go through the checkpoint's own processor as PIL images via its chat template,
-    exactly as a user of the plain model would call it; parity tests compare against this.
+    exactly as a user of the plain model would call it; parity tests compare against this. A
+    layout that shows the slices as one video (Hulu-Med) is rendered by the chat template (its
+    frame separators) and the frames expanded by the processor's image path.
     """
     from PIL import Image
 
     content = vlm.adapter.message_content(list(range(len(slices_u8))), prompt)
-    images = iter(Image.fromarray(s) for s in slices_u8)
+    images = [Image.fromarray(s) for s in slices_u8]
+    messages = [{"role": "user", "content": content}]
+    if any(item["type"] == "video" for item in content):
+        text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        return vlm.processor(text=[text], images=images, return_tensors="pt").to(vlm.device)
+    frames = iter(images)
     for item in content:
         if item["type"] == "image":
-            item["image"] = next(images)
+            item["image"] = next(frames)
     return vlm.processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
     ).to(vlm.device)

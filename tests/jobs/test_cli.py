@@ -12,7 +12,7 @@ import pytest
 from jobs import cli, report, sweep
 from pipeline.config import ConfigError, EvalConfig, apply_overrides, load_config
 from pipeline.io.results import coerce_results, write_results
-from tests.jobs.helpers import REPO, ray_env
+from tests.helpers.cluster import REPO, ray_env
 
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
@@ -35,7 +35,8 @@ def test_overrides_are_dotted_yaml_values() -> None:
     assert config.output == "s3://bucket/run" and config.methods[1].pruning.tau == 0.5
     assert config.stages.infer.num_gpus == 1.0 and config.dataset.limit == 3
     assert config.methods[0].name == "base"
-    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]", "d.e=yes"]) == {"a": {"b": 1, "c": [1, 2]}, "d": {"e": True}}
+    assert (apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]", "d.e=yes"])
+            == {"a": {"b": 1, "c": [1, 2]}, "d": {"e": True}})
 
 
 @pytest.mark.parametrize(("override", "field"), [
@@ -56,7 +57,8 @@ def test_bad_config_is_one_line_naming_the_field(override: str, field: str) -> N
 def test_evaluate_exits_2_with_one_line_for_a_bad_config() -> None:
     env = {**ray_env(), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate", "--config", "jobs/configs/demo.yaml", "methods.1.tau=-1"],
+        [sys.executable, "-m", "jobs.evaluate", "--config", "jobs/configs/demo.yaml",
+         "methods.1.tau=-1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -66,7 +68,8 @@ def test_evaluate_exits_2_with_one_line_for_a_bad_config() -> None:
 def test_cli_lists_commands_and_rejects_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 0
     listed = capsys.readouterr().out
-    for name in ("demo", "evaluate", "sweep", "report", "benchmark", "make-tiny-model", "make-dataset", "serve"):
+    for name in ("demo", "evaluate", "sweep", "report", "benchmark", "make-tiny-model",
+                 "make-dataset", "serve"):
         assert name in listed
     assert cli.main(["frobnicate"]) == 2
 
@@ -79,15 +82,18 @@ def test_sweep_grid_covers_ablations_and_taus() -> None:
     assert sum(n.startswith("iaf_only") for n in names) == 1  # tau is irrelevant without DINS
     with pytest.raises(ConfigError, match="unknown ablation"):
         sweep.grid_methods([0.9], [0.05], ["nope"], [])
-    rows = [{"tau": 0.5, "ablation": "full", "gamma": 0.05, "quality_pct": 90.0, "r_rate_mean": 0.3},
-            {"tau": 0.9, "ablation": "full", "gamma": 0.05, "quality_pct": 99.0, "r_rate_mean": 0.5}]
+    rows = [
+        {"tau": 0.5, "ablation": "full", "gamma": 0.05, "quality_pct": 90.0, "r_rate_mean": 0.3},
+        {"tau": 0.9, "ablation": "full", "gamma": 0.05, "quality_pct": 99.0, "r_rate_mean": 0.5},
+    ]
     assert sweep.plot_sweep(rows).startswith(b"\x89PNG")
 
 
 def _fake_results() -> pa.Table:
     n = 4
     return coerce_results(pa.table({
-        "id": [f"s{i}" for i in range(n)] * 2, "dataset": ["m3d"] * 2 * n, "model": ["tiny"] * 2 * n,
+        "id": [f"s{i}" for i in range(n)] * 2, "dataset": ["m3d"] * 2 * n,
+        "model": ["tiny"] * 2 * n,
         "method": ["original"] * n + ["medpruner"] * n, "task": ["closed", "open"] * n,
         "category": ["organ"] * 2 * n, "error": [""] * 2 * n,
         "correct": [1.0, None] * n, "bleu1": [None, 0.5] * n, "bleu4": [None, 0.1] * n,
@@ -111,8 +117,8 @@ def test_local_ray_is_sized_for_the_pools_and_refuses_missing_gpus() -> None:
 
     demo = load_config(REPO / "jobs/configs/demo.yaml")
     assert local_cpus(demo) >= 3  # 0.5 + 1 + 0.25 CPUs of actors, plus one for read tasks
-    gpu = load_config(REPO / "jobs/configs/demo.yaml", ["stages.infer.num_gpus=1", "ray.address=local",
-                                                        "ray.num_gpus=0"])
+    gpu = load_config(REPO / "jobs/configs/demo.yaml",
+                      ["stages.infer.num_gpus=1", "ray.address=local", "ray.num_gpus=0"])
     with pytest.raises(ConfigError, match="stages.infer.num_gpus=0"):
         connect_ray(gpu)  # would hang forever waiting for a GPU; refused before starting Ray
 
@@ -139,6 +145,7 @@ def test_phantom_benchmark_dataset_and_model_resolve(tmp_path: Path) -> None:
 def test_engine_override_works_on_every_shipped_config(path: Path) -> None:
     config = load_config(path, ["model.engine=vllm"])
     assert config.model.engine == "vllm" and config.model.path
-    assert load_config(path, ["model=tiny:qwen3_vl", "model.engine=hf"]).model.path == "tiny:qwen3_vl"
+    assert (load_config(path, ["model=tiny:qwen3_vl", "model.engine=hf"]).model.path
+            == "tiny:qwen3_vl")
     with pytest.raises(ConfigError, match="model.engine"):
         load_config(path, ["model.engine=tgi"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,45 +19,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.local_cluster import own_processes, stop_processes
 from pipeline.config import load_config
-from tests.jobs.helpers import REPO, free_port, ray_env
+from tests.helpers.cluster import REPO, free_port, ray_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
-
-
-def _mentions(entry: Path, marker: str) -> bool:
-    if marker.encode() in (entry / "cmdline").read_bytes():
-        return True
-    # Ray daemons rename themselves (``ray::DashboardAgent``) but keep their logs open there.
-    return any(marker in os.readlink(fd) for fd in (entry / "fd").iterdir())
-
-
-def _own_processes(marker: str) -> list[int]:
-    """Pids whose command line or open files mention ``marker`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if _mentions(entry, marker):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _stop_head(temp_dir: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names our temp dir."""
-    for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
-        for pid in _own_processes(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while _own_processes(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -78,8 +44,8 @@ def ray_head():
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _stop_head(temp_dir)
-        assert not _own_processes(temp_dir)
+        stop_processes(temp_dir)
+        assert not own_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

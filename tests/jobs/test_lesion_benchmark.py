@@ -60,22 +60,6 @@ def test_quick_benchmark_runs_on_synthetic_data(capsys: pytest.CaptureFixture[st
     assert "calibration:" in out and "test:" in out
 
 
-def test_phantom_tower_attention_ideas_keep_the_budget() -> None:
-    from jobs.benchmarks.lesion_ideas import IDEAS, tower_attention
-    from pruning.ops.iaf import budget_count
-
-    rng = np.random.default_rng(0)
-    vol = np.repeat(rng.integers(0, 256, (12, 96, 96, 1), dtype=np.uint8), 3, axis=-1)
-    share = tower_attention(vol[:3, :64, :64, 0])
-    assert share.shape == (3, 16) and np.allclose(share.sum(axis=1), 1.0)
-    names = [n for n in IDEAS if n.startswith("phantom-tower")]
-    assert len(names) == 2
-    for name in names:
-        kept = np.asarray(IDEAS[name](vol, 0.4))
-        assert len(kept) == budget_count(0.4, 12) == len(np.unique(kept))
-        assert kept.min() >= 0 and kept.max() < 12
-
-
 @pytest.mark.network_registry
 def test_real_scans_are_fetched_from_the_registry(tmp_path) -> None:
     from jobs.benchmarks.real_scans import load_real_scans

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.graph import run_evaluation
-from tests.jobs.helpers import (
+from tests.helpers.cluster import (
+    REPO,
     configure_ray_data,
     manifest_with_corrupt_volume,
     ray_env,
@@ -58,3 +59,64 @@ def test_model_actors_run_only_on_the_gpu_node(cluster, tmp_path: Path) -> None:
     ran_model = {r["infer_node"] for r in table.to_pylist() if not r["error"]}
     assert ran_model == {gpu_node.node_id}
     assert head_cluster.head_node.node_id not in ran_model
+
+
+def test_a_stage_no_live_node_can_hold_fails_after_the_timeout(cluster, tmp_path: Path,
+                                                                capsys) -> None:
+    """A plain cluster (no autoscaler, no published node types): the job cannot know whether
+    a node able to hold the stage will come, so it waits ``run.unschedulable_timeout_s``,
+    then exits 2 with one line naming the stage, its ask and the live nodes."""
+    import json
+    import time
+
+    import yaml
+
+    import jobs.evaluate
+
+    manifest = manifest_with_corrupt_volume(tmp_path, volumes=1, limit=2)
+    config = small_config(str(tmp_path / "out"), manifest, "jsonl", str(tmp_path / "cache"),
+                          stages={"infer": {"num_cpus": 1, "num_gpus": 2, "batch_size": 2}},
+                          run={"unschedulable_timeout_s": 5, "progress_interval_s": 0.5})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    started = time.monotonic()
+    assert jobs.evaluate.main(["--config", str(path)]) == 2
+    elapsed = time.monotonic() - started
+    lines = [line for line in capsys.readouterr().err.splitlines() if "asks per actor" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("medpruner: stage 'infer' asks per actor for {CPU: 1, GPU: 2}, "
+                               "but no node able to hold one came up within "
+                               "run.unschedulable_timeout_s=5s (live nodes: ")
+    assert "GPU: 1" in lines[0]
+    print(f"\nunschedulable on a plain cluster: exit 2 after {elapsed:.1f}s (timeout 5s)")
+
+
+def test_published_node_types_fail_an_impossible_stage_before_it_starts(cluster, tmp_path: Path,
+                                                                        capsys) -> None:
+    """``medpruner cluster publish`` (what cluster.yaml's head runs) stores the launcher's node
+    types in the GCS; a job asking for more than any of them fails at once (runs last: the
+    published types stay for the module's cluster)."""
+    import json
+
+    import yaml
+
+    import jobs.evaluate
+    from jobs.cluster import main as cluster_main
+    from pipeline.cluster_state import known_node_types
+
+    head_cluster, _ = cluster
+    assert known_node_types() is None
+    assert cluster_main(["publish", "--config", str(REPO / "cluster.yaml"),
+                         "--address", head_cluster.address]) == 0
+    types = {t.name: t for t in known_node_types()}
+    assert types["gpu_worker"].resources["GPU"] == 8 and types["gpu_worker"].max_count == 16
+    assert types["cpu_worker"].labels == {"medpruner.io/role": "preprocess"}
+    config = small_config(str(tmp_path / "out"), manifest_with_corrupt_volume(tmp_path), "jsonl",
+                          str(tmp_path / "cache"), stages={"infer": {"num_gpus": 16}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    assert jobs.evaluate.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("medpruner: stage 'infer' asks per actor for {CPU: 1, GPU: 16}, but no node type of "
+            "the cluster can hold one (node types: cpu_worker {CPU: 32} x16; gpu_worker "
+            "{CPU: 192, GPU: 8, accelerator_type:H100: 8} x16)") in err

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.jobs.helpers import REPO, ray_env
+from tests.helpers.cluster import REPO, ray_env
 
 REFERENCE = {"method": "medpruner", "profile": "reference", "tau": 0.9, "gamma": 0.05,
              "temperature": 2.0}
@@ -75,7 +75,8 @@ def test_evaluate_with_defaults_follows_the_processor_and_generate(reference_cas
     }
     (root / "peer.yaml").write_text(yaml.safe_dump(config))
     env = {**ray_env(), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--config", str(root / "peer.yaml")],
+    done = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--config",
+                           str(root / "peer.yaml")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     row = pq.read_table(root / "run" / "results.parquet").to_pylist()[0]

@@ -16,12 +16,14 @@ def test_a_few_steps_save_a_checkpoint_load_vlm_opens(tmp_path):
 
     out = tmp_path / "ckpt"
     argv = ["--seed", "0", "--minutes", "5", "--max-steps", "2", "--out", str(out),
-            "--batch", "2", "--batch-long", "2", "--n-val", "1", "--n-test", "1", "--eval-every", "100"]
+            "--batch", "2", "--batch-long", "2", "--n-val", "1", "--n-test", "1",
+            "--eval-every", "100"]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and set(metrics["test"]) >= {"presence", "organ", "count", "mean"}
     ex = make_example(1)
     vlm = load_vlm(out)
-    gen = vlm.generate(ex.phantom.volume, build_prompt(ex.question, ex.task, ex.choices), max_new_tokens=2)
+    gen = vlm.generate(ex.phantom.volume, build_prompt(ex.question, ex.task, ex.choices),
+                       max_new_tokens=2)
     assert isinstance(gen.text, str) and gen.stats.slices_total == 16
     assert np.asarray(gen.kept_slices).tolist() == list(range(16))

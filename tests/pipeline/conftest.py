@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.io.storage import StorageOptions
-from tests.s3_server import S3Server, start_s3_server, weed_binary
+from tests.helpers.s3 import S3Server, start_s3_server, weed_binary
 
 # Registry failures that mean "cannot reach the package index", as opposed to a broken command.
-_UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution", "Max retries exceeded",
-                "Network is unreachable", "ConnectTimeout", "ReadTimeout", "No matching distribution",
-                "Could not find a version", "ProxyError", "SSLError")
+_UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution",
+                "Max retries exceeded", "Network is unreachable", "ConnectTimeout", "ReadTimeout",
+                "No matching distribution", "Could not find a version", "ProxyError", "SSLError")
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,8 @@ def lung_ct_nrrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not sdists:
         out = done.stdout + done.stderr
         if any(marker in out for marker in _UNREACHABLE):
-            pytest.skip(f"package registry unreachable, cannot fetch pyradiomics sdist: {out[-300:]}")
+            pytest.skip("package registry unreachable, cannot fetch pyradiomics sdist: "
+                        f"{out[-300:]}")
         raise RuntimeError(f"pip download pyradiomics==3.0.1 failed:\n{out[-2000:]}")
     member = "pyradiomics-3.0.1/data/lung1_image.nrrd"
     with tarfile.open(sdists[0]) as tar:

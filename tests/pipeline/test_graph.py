@@ -27,18 +27,13 @@ from pipeline.graph import (
 from pipeline.io.results import RESULT_COLUMNS, coerce_results, merge_results
 from pipeline.metrics.summary import summarize_results, summary_markdown
 from pipeline.progress import Progress
-from tests.jobs.helpers import (
+from tests.helpers.cluster import (
+    DESIGN_COLUMNS,
     crash_once_infer_stage,
     manifest_with_corrupt_volume,
     small_config,
     start_local_ray,
 )
-
-DESIGN_COLUMNS = (
-    "id, dataset, model, method, task, category, question, answer, prediction, correct, bleu1, "
-    "bleu4, rouge1, rougeL, meteor, slices_total, slices_kept, tokens_total, tokens_kept, r_rate, "
-    "t_load_s, t_iaf_s, t_vision_s, t_prefill_s, t_decode_s, t_total_s, error"
-).split(", ")
 
 
 class Interrupted(Exception):
@@ -112,7 +107,6 @@ def test_an_error_rate_over_the_limit_fails_the_job(tmp_path: Path, monkeypatch,
                                   "dataset": {"uri": "synthetic", "format": "jsonl"},
                                   "model": "tiny:qwen2_5_vl", "methods": ["original"]}))
     monkeypatch.setattr(jobs.evaluate, "connect_ray", lambda config: "test")
-    monkeypatch.setattr(jobs.evaluate, "warn_missing_gpus", lambda config: None)
 
     def finished(errors: int, transient: int):
         return lambda config: EvalResult(

@@ -20,9 +20,8 @@ import pytest
 
 from pipeline.graph import run_evaluation
 from pipeline.io.storage import StorageOptions, pyarrow_filesystem, read_bytes
-from tests.jobs.helpers import small_config, start_local_ray
-from tests.pipeline.test_graph import DESIGN_COLUMNS
-from tests.s3_server import S3Server, _bucket_ready, start_s3_server
+from tests.helpers.cluster import DESIGN_COLUMNS, small_config, start_local_ray
+from tests.helpers.s3 import S3Server, bucket_ready, start_s3_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 RECORDS = 3
@@ -58,7 +57,8 @@ def test_evaluation_reads_and_writes_s3(
     assert set(DESIGN_COLUMNS) <= set(table.column_names)
     assert table.column("error").to_pylist() == [""] * table.num_rows
     assert sorted(set(table.column("method").to_pylist())) == ["medpruner", "original"]
-    pairs = list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(), strict=True))
+    pairs = list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(),
+                     strict=True))
     assert len(set(pairs)) == len(pairs)
     summary = json.loads(read_bytes(f"{output}/summary.json", s3_storage))
     assert summary["methods"]["original"]["quality_pct"] == pytest.approx(100.0)
@@ -76,7 +76,7 @@ def _restart(server: S3Server) -> None:
         env=dict(os.environ, GOMEMLIMIT="512MiB"), start_new_session=True)
     log.close()
     deadline = time.monotonic() + 60
-    while not _bucket_ready(server):
+    while not bucket_ready(server):
         if server.process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"SeaweedFS did not come back; see {server.directory}")
         time.sleep(0.3)

@@ -18,7 +18,7 @@ from pipeline.synthetic.ct import make_phantom
 from pipeline.synthetic.phantom_vqa import QUESTION_FORMS, make_example, volume_questions
 from pruning import PruningConfig
 from serve.app import batch_to_rows, rows_to_batch
-from tests.serve.conftest import npy_bytes
+from tests.helpers.serving import npy_bytes
 
 MODEL = "tiny:qwen2_5_vl"
 MEDPRUNER = PruningConfig(method="medpruner").model_dump_json()

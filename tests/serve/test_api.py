@@ -6,49 +6,19 @@ covers what is hard to provoke there (deadline, streaming bodies without a lengt
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import json
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import AnalysisJob, AnalysisResult, create_app
+from serve.api import create_app
 from serve.chat import ChatRequest, chat_to_analyze
 from serve.config import parse_app_args
 from serve.security import ApiError
+from tests.helpers.serving import UNIT_AUTH, UNIT_TOKEN, FakeBackend, npy_zeros
+from tests.helpers.serving import analyze_body as _body
 
-TOKEN = "unit-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _npy(depth: int = 3) -> bytes:
-    out = io.BytesIO()
-    np.save(out, np.zeros((depth, 16, 16), np.int16))
-    return out.getvalue()
-
-
-class FakeBackend:
-    def __init__(self) -> None:
-        self.jobs: list[AnalysisJob] = []
-        self.delay = 0.0
-        self.fail: ApiError | None = None
-
-    async def analyze(self, job: AnalysisJob) -> AnalysisResult:
-        self.jobs.append(job)
-        await asyncio.sleep(self.delay)
-        if self.fail:
-            raise self.fail
-        row = {"prediction": "B", "slices_total": 3, "slices_kept": 2, "tokens_total": 48,
-               "tokens_kept": 10, "r_rate": 10 / 48, "kept_slices_json": "[0, 2]",
-               "kept_tokens_json": "[[0, 1, 2], [3]]", "t_load_s": 0.01, "t_decode_s": 0.02,
-               "t_prefill_s": float("nan")}
-        return AnalysisResult(row=row, slices=np.zeros((2, 8, 8, 3), np.uint8), token_grid=(4, 4))
-
-    async def ready(self) -> dict:
-        return {"family": "fake"}
+TOKEN, AUTH = UNIT_TOKEN, UNIT_AUTH
 
 
 @pytest.fixture()
@@ -62,12 +32,6 @@ def client():
         yield tc
 
 
-def _body(**extra) -> dict:
-    body = {"volume": {"data": base64.b64encode(_npy()).decode(), "format": "npy"},
-            "question": "Which organ?", "task": "closed", "choices": {"A": "liver", "B": "lung"}}
-    return body | extra
-
-
 def test_analyze_builds_the_job(client):
     r = client.post("/v1/analyze", json=_body(pruning={"tau": 0.5}, return_kept_tokens=True),
                     headers=AUTH)
@@ -76,7 +40,7 @@ def test_analyze_builds_the_job(client):
     assert body["answer"] == "B" and body["stats"]["kept_slices"] == [0, 2]
     assert body["kept_tokens"] == [[0, 1, 2], [3]] and "t_prefill_s" not in body["timings"]
     job = client.backend.jobs[-1]
-    assert job.pruning.tau == 0.5 and job.volume_format == "npy" and job.volume_bytes == _npy()
+    assert job.pruning.tau == 0.5 and job.volume_format == "npy" and job.volume_bytes == npy_zeros()
     assert "A. liver" in job.prompt and body["pruning"]["tau"] == 0.5
 
 
@@ -110,7 +74,7 @@ def test_unknown_routes_and_methods_are_json(client):
 
 
 def test_multipart_and_visualize(client):
-    files = {"volume": ("ct.npy", _npy(), "application/octet-stream")}
+    files = {"volume": ("ct.npy", npy_zeros(), "application/octet-stream")}
     data = {"question": "Which organ?", "task": "open", "pruning": json.dumps({"gamma": 0.1})}
     r = client.post("/v1/analyze", files=files, data=data, headers=AUTH)
     assert r.status_code == 200, r.text
@@ -160,7 +124,7 @@ def test_deep_json_is_400_never_500(client):
         r = client.post("/v1/analyze", content=deep,
                         headers=AUTH | {"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json", r.text
-    files = {"volume": ("ct.npy", _npy(), "application/octet-stream")}
+    files = {"volume": ("ct.npy", npy_zeros(), "application/octet-stream")}
     data = {"question": "q", "task": "open", "pruning": '{"a":' * 40 + "1" + "}" * 40}
     r = client.post("/v1/analyze", files=files, data=data, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"

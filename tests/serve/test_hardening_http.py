@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.pipeline.io.bombs import BOMBS
-from tests.serve.conftest import Served, npy_bytes, phantom_volume
+from tests.helpers.bombs import BOMBS
+from tests.helpers.serving import Served, npy_bytes, phantom_volume
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 QUESTION = {"question": "Which organ has a lesion?", "task": "closed",

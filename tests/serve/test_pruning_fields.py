@@ -8,7 +8,10 @@ from fastapi.testclient import TestClient
 
 from serve.api import create_app
 from serve.config import parse_app_args
-from tests.serve.test_api import AUTH, TOKEN, FakeBackend, _body
+from tests.helpers.serving import UNIT_AUTH as AUTH
+from tests.helpers.serving import UNIT_TOKEN as TOKEN
+from tests.helpers.serving import FakeBackend
+from tests.helpers.serving import analyze_body as _body
 
 
 @pytest.fixture()

@@ -19,6 +19,7 @@ from serve.security import (
     resolve_local_path,
     resolve_volume_uri,
 )
+from tests.helpers.serving import dicom_bytes
 
 
 @pytest.fixture()
@@ -128,30 +129,8 @@ def test_shape_limits():
     assert _status(check_volume_shape, (4, 8, 1024), max_slices=64, max_dim=512) == 413
 
 
-def _dicom_bytes() -> bytes:
-    import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "PID-0042"
-    ds.InstitutionName = "General Hospital"
-    ds.Rows, ds.Columns = 4, 4
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = np.zeros((4, 4), np.int16).tobytes()
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def test_dicom_identifiers_are_redacted():
-    ids = dicom_identifiers(_dicom_bytes())
+    ids = dicom_identifiers(dicom_bytes())
     assert {"Doe^Jane", "PID-0042", "General Hospital"} <= set(ids)
     message = "x.dcm: bad pixel data for Doe^Jane (PID-0042) at General Hospital; Jane"
     cleaned = redact(message, ids)
@@ -165,8 +144,8 @@ def test_dicom_identifiers_in_zips_and_folders(tmp_path):
 
     blob = io.BytesIO()
     with zipfile.ZipFile(blob, "w") as zf:
-        zf.writestr("series/1.dcm", _dicom_bytes())
+        zf.writestr("series/1.dcm", dicom_bytes())
     assert "PID-0042" in dicom_identifiers(blob.getvalue())
-    (tmp_path / "1.dcm").write_bytes(_dicom_bytes())
+    (tmp_path / "1.dcm").write_bytes(dicom_bytes())
     assert "Doe^Jane" in dicom_identifiers_at(str(tmp_path))
     assert "Doe^Jane" in dicom_identifiers_at(str(tmp_path / "1.dcm"))

@@ -16,14 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import (
+from tests.helpers.serving import (
     Served,
+    dicom_bytes,
     gathered_vs_alone,
     loaded_rows,
     npy_bytes,
     phantom_volume,
 )
-from tests.serve.test_security import _dicom_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 QUESTION = {"question": "Which organ has a lesion?", "task": "closed",
@@ -111,7 +111,8 @@ def test_openai_client(served):
     stream = client.chat.completions.create(
         model=Path(served.model_dir).name, stream=True, max_tokens=6,
         messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Findings?"}]}])
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Findings?"}]}])
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == completion.choices[0].message.content
 
@@ -147,7 +148,8 @@ BAD_INPUTS = {
     "no_token": (401, dict(json=_inline(), headers={"Authorization": ""})),
     "wrong_token": (401, dict(json=_inline(), headers={"Authorization": "Bearer nope"})),
     "text_plain": (415, dict(content=b"hello", headers={"Content-Type": "text/plain"})),
-    "malformed_json": (400, dict(content=b"{not json", headers={"Content-Type": "application/json"})),
+    "malformed_json": (400, dict(content=b"{not json",
+                                 headers={"Content-Type": "application/json"})),
     "missing_question": (422, dict(json={"volume": {"uri": "ct.npy"}})),
     "unknown_field": (422, dict(json=_inline(temperature=0.2))),
     "uri_and_data": (422, dict(json=_inline() | {"volume": {"uri": "ct.npy", "data": "AA==",
@@ -164,7 +166,8 @@ BAD_INPUTS = {
     "bucket_not_allowed": (403, dict(json={"volume": {"uri": "s3://other/ct.npy"}} | QUESTION)),
     "http_scheme": (400, dict(json={"volume": {"uri": "http://127.0.0.1:1/x.npy"}} | QUESTION)),
     "missing_file": (404, dict(json={"volume": {"uri": "nope.npy"}} | QUESTION)),
-    "body_too_large": (413, dict(content=_big_body(), headers={"Content-Type": "application/json"})),
+    "body_too_large": (413, dict(content=_big_body(),
+                                 headers={"Content-Type": "application/json"})),
     "too_many_slices": (413, dict(json={"volume": {"uri": "deep.npy"}} | QUESTION)),
     "slice_too_wide": (413, dict(json={"volume": {"uri": "wide.npy"}} | QUESTION)),
     "bad_pruning": (422, dict(json=_inline(pruning={"tau": -1}))),
@@ -209,7 +212,7 @@ def test_bad_chat_requests(served):
 def test_dicom_identifiers_never_leave(served):
     import ray
 
-    data = base64.b64encode(_dicom_bytes()[:-20]).decode()  # truncated pixel data
+    data = base64.b64encode(dicom_bytes()[:-20]).decode()  # truncated pixel data
     r = _post(served, "/v1/analyze", json=_inline() | {"volume": {"data": data, "format": "dicom"}})
     assert 400 <= r.status_code < 500, r.text
     for secret in ("Doe", "Jane", "PID-0042", "General Hospital"):

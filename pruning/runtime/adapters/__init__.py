@@ -1,16 +1,13 @@
 """Registry of model-family adapters, loaded lazily (no torch import until an adapter is built).
 
-``create_adapter(name)`` returns the adapter of a family ("qwen2_5_vl", "qwen3_vl", "gemma3");
-``adapter_for_config(hf_config)`` picks one from a checkpoint's ``architectures`` or
-``model_type``; ``family_for_config`` does the same lookup on a plain dict and never imports
+``create_adapter(name)`` returns the adapter of a family ("qwen2_5_vl", "qwen3_vl", "gemma3",
+"hulu_med"); ``adapter_for_config(hf_config)`` picks one from a checkpoint's ``architectures``
+or ``model_type``; ``family_for_config`` does the same lookup on a plain dict and never imports
 torch (the slice recipe uses it on the CPU side).
 
-Hulu-Med (remote code) is not registered: it would need its own adapter that loads the
-checkpoint's modeling code with ``trust_remote_code``, captures attention with a forward
-pre-hook on its last encoder layer (recomputing q/k with its own projections and rotary, since
-it does not dispatch through ``AttentionInterface``), maps patches to tokens by its 2x bilinear
-downsample, and feeds pruned features through whatever precomputed-feature input its remote
-``generate`` offers (it has no ``mm_encoder_outputs``).
+Hulu-Med runs on transformers' native ``VideoLlama3ForConditionalGeneration``; a checkpoint in
+its GitHub code's layout (``hulumed_qwen2`` / ``hulumed_qwen3``, remote code) is refused with
+the command that converts it.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ _ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "pruning.runtime.adapters.qwen2_5_vl:Qwen25VLAdapter",
     "qwen3_vl": "pruning.runtime.adapters.qwen3_vl:Qwen3VLAdapter",
     "gemma3": "pruning.runtime.adapters.gemma3:Gemma3Adapter",
+    "hulu_med": "pruning.runtime.adapters.hulu_med:HuluMedAdapter",
 }
 # HF `architectures` / `model_type` strings -> family
 _ARCHITECTURES: dict[str, str] = {
@@ -33,6 +31,13 @@ _ARCHITECTURES: dict[str, str] = {
     "qwen3_vl": "qwen3_vl",
     "Gemma3ForConditionalGeneration": "gemma3",
     "gemma3": "gemma3",
+    "VideoLlama3ForConditionalGeneration": "hulu_med",
+    "video_llama_3": "hulu_med",
+}
+# Layouts that hold a supported network but must be converted first -> what to run.
+_CONVERT_FIRST: dict[str, str] = {
+    "hulumed_qwen2": "medpruner convert hulu-med SRC DST",
+    "hulumed_qwen3": "medpruner convert hulu-med SRC DST",
 }
 
 
@@ -64,6 +69,11 @@ def family_for_config(config: Mapping[str, Any] | Any) -> str:
     for candidate in candidates:
         if candidate in _ARCHITECTURES:
             return _ARCHITECTURES[candidate]
+    if get("model_type", None) in _CONVERT_FIRST:
+        raise ValueError(
+            f"model_type {get('model_type', None)!r} is Hulu-Med in its GitHub code's layout "
+            f"(remote code); convert it to the native layout first: "
+            f"{_CONVERT_FIRST[get('model_type', None)]}")
     raise ValueError(
         f"unsupported checkpoint (architectures={get('architectures', None)}, "
         f"model_type={get('model_type', None)}); supported families: {list_adapters()}"

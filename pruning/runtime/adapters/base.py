@@ -33,6 +33,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def image_only_processor(base: type) -> type:
+    """A subclass of a processor (Qwen-VL, VideoLLaMA3) without its video slot (the video
+    processors need torchvision, which is not importable beside every torch build); images and
+    text behave as the original's."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(f"{base.__name__}ImagesOnly", (base,), {"__init__": __init__})
+
+
 class Adapter(ABC):
     """Family-specific pieces; see the module docstring."""
 
@@ -142,8 +153,9 @@ class Adapter(ABC):
             if not 0 <= object_layer < len(layers):
                 raise ValueError(f"object layer {object_layer} out of range 0..{len(layers) - 1}")
             watch["object"] = layers[object_layer]
+        keys_for = ("select",) if keys else ()
         with capture_attention(model, self.vision_config(model), watch,
-                               keys_for=("select",) if keys else ()) as caps, torch.inference_mode():
+                               keys_for=keys_for) as caps, torch.inference_mode():
             embeds, deepstack = self.run_tower(model, inputs)
         out = Encoded(embeddings=embeds, deepstack=deepstack,
                       capture_seconds=sum(c.seconds for c in caps.values()))
@@ -179,3 +191,23 @@ class Adapter(ABC):
     def batch_positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """Stack left-padded per-sample positions (R, L) into the model's layout."""
         return torch.stack(rows, dim=1)  # (R, B, L)
+
+
+class SequentialPositions:
+    """1-D RoPE positions (Gemma3; Hulu-Med's Qwen2 / Qwen3 language model), mixed in before
+    :class:`Adapter`: the full sequence is numbered 0..L-1 and the kept columns keep their
+    numbers; the ``reference`` profile renumbers the pruned sequence contiguously, as the public
+    code does (its ``generate`` derives positions from the attention mask)."""
+
+    def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                     num_images: int, slice_size: tuple[int, int]) -> torch.Tensor:
+        """Positions 0..L-1 of the full sequence, shaped (1, L)."""
+        return torch.arange(input_ids.shape[0], device=input_ids.device)[None]  # (1, L)
+
+    def renumber_positions(self, profile: str) -> bool:
+        """Renumber the pruned sequence under the ``reference`` profile only."""
+        return profile == "reference"
+
+    def batch_positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Stack left-padded (1, L) rows into (B, L)."""
+        return torch.cat(rows, dim=0)  # (B, L)

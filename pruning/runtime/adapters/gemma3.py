@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from pruning.ops.token_maps import pool_grid, strip_mean
-from pruning.runtime.adapters.base import Adapter
+from pruning.runtime.adapters.base import Adapter, SequentialPositions
 from pruning.runtime.recipe import SliceRecipe
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(SequentialPositions, Adapter):
     family = "gemma3"
     model_class = "Gemma3ForConditionalGeneration"
 
@@ -91,13 +91,6 @@ class Gemma3Adapter(Adapter):
             return strip_mean(per_slice, strip=self._pool * self._pool, dim=1)
         return pool_grid(per_slice, (side, side), self._pool, dim=1)  # (n, K) or (n, K, d)
 
-    def position_ids(self, model: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
-                     num_images: int, slice_size: tuple[int, int]) -> torch.Tensor:
-        return torch.arange(input_ids.shape[0], device=input_ids.device)[None]  # (1, L)
-
-    def renumber_positions(self, profile: str) -> bool:
-        return profile == "reference"
-
     def encoder_outputs(self, features: torch.Tensor, deepstack: list[torch.Tensor]) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -105,6 +98,3 @@ class Gemma3Adapter(Adapter):
 
     def extra_inputs(self, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": image_mask.long()}
-
-    def batch_positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(rows, dim=0)  # (B, L)

@@ -15,19 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.ops.token_maps import group_mean
-from pruning.runtime.adapters.base import Adapter
+from pruning.runtime.adapters.base import Adapter, image_only_processor
+from pruning.runtime.adapters.merge_units import merge_unit_pixels, merge_unit_tokens
 from pruning.runtime.recipe import SliceRecipe
-
-
-def image_only_processor(base: type) -> type:
-    """A subclass of a Qwen processor without the video slot (its video processor needs
-    torchvision, which is not importable here); images and text behave as the original."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return type(f"{base.__name__}ImagesOnly", (base,), {"__init__": __init__})
 
 
 class QwenAdapter(Adapter):
@@ -66,26 +56,15 @@ class QwenAdapter(Adapter):
     def _geometry(self, model_or_config: Any) -> tuple[int, int, int]:
         cfg = getattr(model_or_config, "config", model_or_config)
         vision = cfg.vision_config
-        return int(vision.patch_size), int(vision.spatial_merge_size), int(vision.temporal_patch_size)
+        return (int(vision.patch_size), int(vision.spatial_merge_size),
+                int(vision.temporal_patch_size))
 
     def pixel_inputs(self, slices: torch.Tensor, recipe: SliceRecipe, lut: torch.Tensor,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        n, h, w, _ = slices.shape
-        patch, merge, temporal = self._patch, self._merge, self._temporal
-        gh, gw = h // patch, w // patch
-        if gh * patch != h or gw * patch != w or gh % merge or gw % merge:
-            raise ValueError(
-                f"slice size {(h, w)} must be a multiple of patch*merge = {patch * merge}; "
-                "prepare slices with the model's recipe"
-            )
-        chw = slices.permute(0, 3, 1, 2).long()  # (n, 3, h, w)
-        channel = torch.arange(3, device=slices.device).view(1, 3, 1, 1)
-        pixels = lut[channel, chw]  # (n, 3, h, w) float32, processor scale
-        pixels = pixels.view(n, 3, gh // merge, merge, patch, gw // merge, merge, patch)
-        pixels = pixels.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, 3, p, p)
-        pixels = pixels.unsqueeze(6).expand(*pixels.shape[:6], temporal, patch, patch)
-        pixel_values = pixels.reshape(n * gh * gw, 3 * temporal * patch * patch)
-        grid = torch.tensor([[1, gh, gw]] * n, device=slices.device, dtype=torch.long)
+        pixel_values, (gh, gw) = merge_unit_pixels(slices, lut, self._patch, self._merge,
+                                                   self._temporal)
+        grid = torch.tensor([[1, gh, gw]] * int(slices.shape[0]), device=slices.device,
+                            dtype=torch.long)
         return {"pixel_values": pixel_values.to(dtype), "image_grid_thw": grid}
 
     def bind(self, model: nn.Module) -> None:
@@ -101,8 +80,7 @@ class QwenAdapter(Adapter):
         )
         return positions[:, 0]  # (3, L)
 
-    def _group_tokens(self, values: torch.Tensor, n: int, perm: torch.Tensor | None) -> torch.Tensor:
+    def _group_tokens(self, values: torch.Tensor, n: int,
+                      perm: torch.Tensor | None) -> torch.Tensor:
         """(N,) or (N, d) patches, 4 consecutive per token -> (n, K) or (n, K, d) tokens."""
-
-        tokens = group_mean(values, group=self._merge * self._merge, perm=perm, dim=0)  # (U, ...)
-        return tokens.reshape(n, -1, *values.shape[1:])
+        return merge_unit_tokens(values, n, self._merge, perm)

@@ -22,7 +22,8 @@ from pipeline.synthetic.datasets import make_dataset
 # records per phantom: jsonl/hulu: closed (2-3) + open + report; m3d: 2 per closed question;
 # 3drad: 3 per phantom; amos: report + closed (2-3)
 EXPECTED_TASKS = {"jsonl": {"closed", "open", "report"}, "hulu": {"closed", "open", "report"},
-                  "m3d": {"closed", "open"}, "3drad": {"closed", "open"}, "amos": {"closed", "report"}}
+                  "m3d": {"closed", "open"}, "3drad": {"closed", "open"},
+                  "amos": {"closed", "report"}}
 
 
 @pytest.mark.parametrize("fmt", DATASET_FORMATS)
@@ -65,14 +66,16 @@ def _hulu_item(video, question, gold, qtype=None, **extra):
 
 def test_hulu_fields_and_quirks(tmp_path):
     items = [
-        _hulu_item("vol/1", "<video>\nWhich organ?\nA. Liver\nB. Spleen", "A. Liver", "CLOSE", type=3),
+        _hulu_item("vol/1", "<video>\nWhich organ?\nA. Liver\nB. Spleen", "A. Liver", "CLOSE",
+                   type=3),
         _hulu_item("vol/1", "<image>\nWhat is abnormal?", "a cyst", "open", type=4),
         _hulu_item("vol/2", "<video>\nIs it enhanced?", "yes", type=2),  # missing -> open
         _hulu_item("vol/2", "<video>\nWhich plane?\n(A) Axial\n(B) Coronal", "A", "closed", type=1),
     ]
     records = read_records(_write_json(tmp_path / "m3d_test.json", items), "hulu", dataset="m3d")
     assert [r.task for r in records] == ["closed", "open", "open", "closed"]
-    assert records[0].question.startswith("Which organ?") and records[0].choices == {"A": "Liver", "B": "Spleen"}
+    assert (records[0].question.startswith("Which organ?")
+            and records[0].choices == {"A": "Liver", "B": "Spleen"})
     assert records[3].choices == {"A": "Axial", "B": "Coronal"}
     assert [r.category for r in records] == ["Organ", "Abnormality", "Phase", "Plane"]
     assert records[0].volume_uri == str(tmp_path / "vol" / "1")
@@ -108,12 +111,14 @@ M3D_HEADER = ("Image Path,Text,Question Type,Question,Choice A,Choice B,Choice C
 
 def test_m3d_rows_give_closed_and_open_items(tmp_path):
     (tmp_path / "M3D_VQA_test.csv").write_text(
-        M3D_HEADER + 'ct/0001/axial.npy,"report, text",3,Which organ?,Liver,Spleen,Kidney,Lung,Liver,A\n')
+        M3D_HEADER + 'ct/0001/axial.npy,"report, text",3,Which organ?,'
+        'Liver,Spleen,Kidney,Lung,Liver,A\n')
     closed, open_ = read_records(str(tmp_path / "M3D_VQA_test.csv"), "m3d")
     assert (closed.task, closed.answer, closed.category) == ("closed", "A", "Organ")
     assert closed.choices == {"A": "Liver", "B": "Spleen", "C": "Kidney", "D": "Lung"}
     assert (open_.task, open_.answer, open_.choices) == ("open", "Liver", None)
-    assert closed.volume_uri == str(tmp_path / "ct/0001/axial.npy") and closed.volume_format == "npy"
+    assert (closed.volume_uri == str(tmp_path / "ct/0001/axial.npy")
+            and closed.volume_format == "npy")
     assert build_prompt(closed).endswith("D. Lung" + CLOSED_SUFFIX)
     assert build_prompt(open_) == "Which organ?" + OPEN_SUFFIX
 
@@ -136,19 +141,22 @@ def test_m3d_malformed_rows_name_file_and_line(tmp_path):
 
 
 def test_3drad_folder_and_bad_answer_choice(tmp_path):
-    header = "Task,Subtask,VolumeName,Question,Answer,QuestionType,AnswerChoice,Choice A,Choice B,Choice C,Choice D\n"
+    header = ("Task,Subtask,VolumeName,Question,Answer,QuestionType,AnswerChoice,"
+              "Choice A,Choice B,Choice C,Choice D\n")
     folder = tmp_path / "3DRAD" / "test"
     (folder / "Task4_existence").mkdir(parents=True)
     (folder / "Task4_existence" / "e.csv").write_text(
         header + "Task4,nodule,test_1_a_1.nii.gz,Is there a nodule?,yes,Close,A,yes,no,-,-\n")
     (folder / "Task2_anomaly").mkdir()
     (folder / "Task2_anomaly" / "a.csv").write_text(
-        header + "Task2,anomaly,test_1_a_1.nii.gz,Anything abnormal?,pleural effusion,Open,-,-,-,-,-\n")
+        header + "Task2,anomaly,test_1_a_1.nii.gz,Anything abnormal?,pleural effusion,"
+        "Open,-,-,-,-,-\n")
     records = read_records(str(folder), "3drad", root="/data/ct-rate")
     by_task = {r.task: r for r in records}
     assert by_task["closed"].choices == {"A": "yes", "B": "no"} and by_task["closed"].answer == "A"
     assert by_task["closed"].category == "Existence Detection"
-    assert by_task["open"].category == "Anomaly Detection" and by_task["open"].answer == "pleural effusion"
+    assert (by_task["open"].category == "Anomaly Detection"
+            and by_task["open"].answer == "pleural effusion")
     assert by_task["open"].volume_uri == "/data/ct-rate/test_1_a_1.nii.gz"
     (folder / "Task4_existence" / "bad.csv").write_text(
         header + "Task4,nodule,v.nii.gz,Q?,yes,Close,C,yes,no,-,-\n")
@@ -166,8 +174,10 @@ def test_amos_reports_and_qa(tmp_path):
     records = read_records(_write_json(tmp_path / "dataset.json", doc), "amos")
     report, qa = records
     assert report.answer == "Clear lungs. Normal liver. No acute findings."
-    assert report.volume_uri == str(tmp_path / "imagesVa/amos_0034.nii.gz") and report.id == "amos_0034-report"
-    assert (qa.task, qa.answer, qa.category, qa.choices) == ("closed", "B", "size", {"A": "Yes", "B": "No"})
+    assert (report.volume_uri == str(tmp_path / "imagesVa/amos_0034.nii.gz")
+            and report.id == "amos_0034-report")
+    assert (qa.task, qa.answer, qa.category, qa.choices) == ("closed", "B", "size",
+                                                             {"A": "Yes", "B": "No"})
     with pytest.raises(DatasetError, match="'test' list"):
         read_records(str(tmp_path / "dataset.json"), "amos", split="test")
 
@@ -183,7 +193,8 @@ def test_jsonl_canonical_records_and_bad_lines(tmp_path):
     with pytest.raises(DatasetError) as err:
         read_records(str(tmp_path / "bad.jsonl"), "jsonl")
     text = str(err.value)
-    assert "line 2" in text and "line 3" in text and "task" in text and "line 4" in text and "colour" in text
+    assert ("line 2" in text and "line 3" in text and "task" in text and "line 4" in text
+            and "colour" in text)
 
 
 def test_record_validation_and_unknown_format():
@@ -194,4 +205,5 @@ def test_record_validation_and_unknown_format():
         read_records("x.json", "llava")
     with pytest.raises(ValueError, match="unknown task"):
         build_prompt("q", "multiple")
-    assert build_prompt("Which?", "closed", {"B": "two", "A": "one"}) == "Which?\nA. one\nB. two" + CLOSED_SUFFIX
+    assert (build_prompt("Which?", "closed", {"B": "two", "A": "one"})
+            == "Which?\nA. one\nB. two" + CLOSED_SUFFIX)

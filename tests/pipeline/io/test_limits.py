@@ -21,7 +21,7 @@ import pytest
 from pipeline.io.limits import DecodeLimits, VolumeLimitError, inflate_capped
 from pipeline.io.storage import call_with_retries, is_credentials_error, is_transient
 from pipeline.io.volumes import VolumeError, decode_volume
-from tests.pipeline.io.bombs import BOMBS, MiB, garbage_zip_member
+from tests.helpers.bombs import BOMBS, MiB, garbage_zip_member
 
 REPO = Path(__file__).resolve().parents[3]
 LIMITS = DecodeLimits(max_decoded_bytes=64 * MiB, max_slices=64, max_slice_pixels=512 * 512)

@@ -7,7 +7,6 @@ a store that does not answer becomes, after the stage's own retries, a row with
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from pipeline.io.limits import DecodeLimits
 from pipeline.io.storage import StorageOptions
 from pipeline.stages import LoadStage, resolve_model
 from pruning import PruningConfig
-from tests.pipeline.io.bombs import MiB, bzip2_nrrd_bomb, gzip_nifti_bomb, png_zip_bomb
+from tests.helpers.bombs import MiB, bzip2_nrrd_bomb, gzip_nifti_bomb, png_zip_bomb
+from tests.helpers.cluster import free_port
 
 MODEL = "tiny:qwen2_5_vl"
 ORIGINAL = PruningConfig(method="original").model_dump_json()
@@ -63,9 +63,7 @@ def test_inline_and_uri_bombs_become_limit_error_rows(cache: str, tmp_path: Path
 
 
 def test_unreachable_store_gives_transient_rows_after_retries(cache: str) -> None:
-    with socket.socket() as sock:  # a port with nothing listening: connection refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there: connection refused
     storage = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="k", secret="s",
                              retries=0, connect_timeout_s=1, read_timeout_s=1, use_env=False)
     stage = LoadStage(MODEL, cache_dir=cache, storage=storage,

@@ -32,7 +32,8 @@ def test_options_reject_typos_and_hide_secrets():
     with pytest.raises(ValidationError, match="retries"):
         StorageOptions(retries=-1)
     opts = StorageOptions(key="AK", secret="very-secret-value")
-    assert "very-secret-value" not in repr(opts) and "very-secret-value" not in str(opts.model_dump())
+    assert ("very-secret-value" not in repr(opts)
+            and "very-secret-value" not in str(opts.model_dump()))
     assert pickle.loads(pickle.dumps(opts)) == opts
 
 
@@ -86,7 +87,8 @@ def test_s3_round_trip(s3_storage, s3_prefix):
     st.write_bytes(f"{s3_prefix}/dir/deeper/c.bin", b"c", s3_storage)
     assert st.read_bytes(uri, s3_storage) == b"x" * 1000
     assert st.file_size(uri, s3_storage) == 1000 and st.exists(uri, s3_storage)
-    assert st.list_with_sizes(f"{s3_prefix}/dir", s3_storage) == [(uri, 1000), (f"{s3_prefix}/dir/b.bin", 2)]
+    assert (st.list_with_sizes(f"{s3_prefix}/dir", s3_storage)
+            == [(uri, 1000), (f"{s3_prefix}/dir/b.bin", 2)])
     assert len(st.list_uri(f"{s3_prefix}/dir", s3_storage, recursive=True)) == 3
     assert st.read_many([uri, f"{s3_prefix}/dir/b.bin"], s3_storage) == [b"x" * 1000, b"yz"]
     with st.open_uri(uri, "rb", s3_storage) as fh:

@@ -162,15 +162,18 @@ def _nii_gz(volume):
 
 
 BAD_CASES = {
-    "corrupt gzip": ("x.nii.gz", lambda v: b"\x1f\x8b\x08\x00" + os.urandom(200), "corrupt|truncated"),
+    "corrupt gzip": ("x.nii.gz", lambda v: b"\x1f\x8b\x08\x00" + os.urandom(200),
+                     "corrupt|truncated"),
     "truncated gzip": ("x.nii.gz", lambda v: _nii_gz(v)[:-100], "truncated"),
     "truncated nii": ("x.nii", lambda v: nifti_bytes(v, SPACING, gz=False)[:-50], "truncated"),
     "not nifti": ("x.nii", lambda v: b"hello" * 100, "not a NIfTI"),
-    "4-D nifti": ("x.nii", lambda v: nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)).to_bytes(),
+    "4-D nifti": ("x.nii", lambda v: nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16),
+                                                     np.eye(4)).to_bytes(),
                   "3-D"),
     "2-D npy": ("x.npy", lambda v: npy_bytes(np.zeros((4, 4))), "expected shape"),
     "NaN npy": ("x.npy", lambda v: npy_bytes(np.full((2, 3, 3), np.nan, np.float32)), "NaN"),
-    "inf npy": ("x.npy", lambda v: npy_bytes(np.array([[[np.inf]]], np.float32)), "NaN or infinite"),
+    "inf npy": ("x.npy", lambda v: npy_bytes(np.array([[[np.inf]]], np.float32)),
+                "NaN or infinite"),
     "zero slices": ("x.npy", lambda v: npy_bytes(np.zeros((0, 4, 4), np.int16)), "zero slices"),
     "corrupt npy": ("x.npy", lambda v: b"\x93NUMPY garbage", "not a readable"),
     "corrupt nrrd": ("x.nrrd", lambda v: b"NRRD0004\ntype: short\nsizes: 4 4\n", "NRRD"),

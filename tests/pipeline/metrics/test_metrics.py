@@ -41,7 +41,8 @@ def test_nltk_meteor_doctest_values_with_offline_wordnet():
 
     hyp1 = ("It is a guide to action which ensures that the military always obeys the commands "
             "of the party").split()
-    ref1 = "It is a guide to action that ensures that the military will forever heed Party commands".split()
+    ref1 = ("It is a guide to action that ensures that the military will forever heed Party "
+            "commands").split()
     assert round(meteor_score([ref1], hyp1, wordnet=load_wordnet()), 4) == 0.6944
 
 
@@ -63,7 +64,8 @@ def test_choice_parser_quirks(pred, gold, reference, standard):
     assert parse_choice("  C) spleen ") == "c"
 
 
-_WORDS = hs.sampled_from(["the", "liver", "lesion", "a", "no", ".", " ", "  ", "left", "lung,", "is"])
+_WORDS = hs.sampled_from(["the", "liver", "lesion", "a", "no", ".", " ", "  ", "left", "lung,",
+                          "is"])
 
 
 @settings(max_examples=50, deadline=None)
@@ -94,9 +96,11 @@ def test_report_rules():
     assert report_tokens("A b.C  d") == ["a", "b", ".c", "d"]
     for empty in ("Findings: Impression:", "", "   "):
         assert score_sample(empty, gold, "report") == {
-            "bleu1": 0.0, "bleu4": 0.0, "rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0, "scorer": "reference"}
+            "bleu1": 0.0, "bleu4": 0.0, "rouge1": 0.0, "rougeL": 0.0, "meteor": 0.0,
+            "scorer": "reference"}
     perfect = score_sample("Findings: The liver is normal. Impression: No lesion.", gold, "report")
-    assert perfect["bleu4"] == pytest.approx(1.0) and perfect["rouge1"] == pytest.approx(1.0, abs=1e-7)
+    assert (perfect["bleu4"] == pytest.approx(1.0)
+            and perfect["rouge1"] == pytest.approx(1.0, abs=1e-7))
     # no smoothing for reports: no 4-gram overlap gives (about) 0, VQA's method1 does not
     assert score_sample("liver normal", gold, "report")["bleu4"] < 1e-100  # nltk: ~float min
     assert score_sample("liver normal", gold, "open")["bleu4"] > 0.0
@@ -143,8 +147,9 @@ def test_summarize_reports_mean_over_samples_and_quality():
         return _row(method, "report", category, bleu1=value, bleu4=value, rouge1=value,
                     rougeL=value, meteor=value)
 
-    rows = [report("original", 0.4, "a"), report("original", 0.2, "a"), report("original", 0.3, "b"),
-            report("medpruner", 0.3, "a"), report("medpruner", 0.3, "a"), report("medpruner", 0.3, "b")]
+    rows = [report("original", 0.4, "a"), report("original", 0.2, "a"),
+            report("original", 0.3, "b"), report("medpruner", 0.3, "a"),
+            report("medpruner", 0.3, "a"), report("medpruner", 0.3, "b")]
     out = summarize(rows)
     assert out["original"]["report"]["rouge1"] == pytest.approx(30.0)  # mean over samples
     assert out["medpruner"]["report"]["quality"] == pytest.approx(100.0)

@@ -1,4 +1,5 @@
-"""WordNet offline: built from Debian's files plus the packaged lexnames, clear failure otherwise."""
+"""WordNet offline: built from Debian's files plus the packaged lexnames, clear failure
+otherwise."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pipeline.metrics import wordnet
 
 
 def test_packaged_lexnames_is_wordnet_30_list():
-    lines = resources.files("pipeline.metrics").joinpath("data/wordnet-lexnames.tsv").read_text().splitlines()
+    lines = (resources.files("pipeline.metrics").joinpath("data/wordnet-lexnames.tsv")
+             .read_text().splitlines())
     assert len(lines) == 45
-    assert [line.split("\t")[:2] for line in (lines[0], lines[44])] == [["00", "adj.all"], ["44", "adj.ppl"]]
+    assert ([line.split("\t")[:2] for line in (lines[0], lines[44])]
+            == [["00", "adj.all"], ["44", "adj.ppl"]])
 
 
 @pytest.mark.skipif(not Path(wordnet.DEBIAN_WORDNET_DIR, "index.noun").exists(),

@@ -19,6 +19,7 @@ from pipeline.synthetic.phantom_vqa import (
     write_benchmark,
 )
 from pruning.ops.iaf_local import local_distance, select_slices_local
+from pruning.ops.iaf_transient import TransientOptions, select_slices_transient
 from pruning.ops.slice_filters import select_slices
 
 
@@ -88,7 +89,8 @@ def test_lesions_sit_in_their_organ_and_contrast_with_it():
 def test_curriculum_spec_makes_lesions_larger():
     boost = PhantomSpec(radius_boost=3.0)
     small = sum(make_phantom_volume(s, count=1, organ="liver").lesion_mask.sum() for s in range(8))
-    big = sum(make_phantom_volume(s, count=1, organ="liver", spec=boost).lesion_mask.sum() for s in range(8))
+    big = sum(make_phantom_volume(s, count=1, organ="liver", spec=boost).lesion_mask.sum()
+              for s in range(8))
     assert big > 1.5 * small
 
 
@@ -117,7 +119,8 @@ def test_written_benchmark_reads_back(tmp_path):
     assert [r.id for r in records] == [f"phantom-test-{s}" for s in range(3)]
     first = make_example(0)
     assert records[0].answer == first.answer and records[0].category == first.qtype
-    assert np.array_equal(np.load(tmp_path / "volumes" / "phantom-test-0.npy"), first.phantom.volume)
+    assert np.array_equal(np.load(tmp_path / "volumes" / "phantom-test-0.npy"),
+                          first.phantom.volume)
     assert records[0].extra["lesion_slices"] == lesion_slices(first.phantom.lesion_mask).tolist()
 
 
@@ -172,16 +175,15 @@ def test_local_filter_keeps_lesion_slices_the_mean_filter_drops():
 def test_transient_filter_keeps_lesion_slices_within_the_paper_filters_budget():
     """On the benchmark's phantoms the transient filter finds nearly every lesion slice with
     about as many slices as the paper's filter, whose gamma 0.05 misses most of them."""
-    from pruning.ops.iaf_transient import select_slices_transient
-
     totals = {"paper": [0, 0], "transient": [0, 0]}  # lesion slices kept, slices kept
     n_lesion = 0
     for seed in split_seeds("validation", 45):
         ph = make_phantom_volume(seed)
         truth = set(lesion_slices(ph.lesion_mask).tolist())
         n_lesion += len(truth)
-        for name, kept in (("paper", select_slices(ph.volume, 0.05)),
-                           ("transient", select_slices_transient(ph.volume, 0.2, threshold=0.2))):
+        transient = select_slices_transient(ph.volume, 0.2,
+                                            TransientOptions(iaf_finding_threshold=0.2))
+        for name, kept in (("paper", select_slices(ph.volume, 0.05)), ("transient", transient)):
             totals[name][0] += len(truth & set(kept.tolist()))
             totals[name][1] += len(kept)
     assert n_lesion > 60

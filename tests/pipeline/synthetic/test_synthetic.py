@@ -97,7 +97,8 @@ def test_dataset_answers_follow_the_phantoms(tmp_path):
     for record in records:
         truth = record.extra
         ph = make_phantom(truth["phantom_seed"], depth=truth["depth"], size=truth["size"])
-        assert ph.lesion_count == truth["lesion_count"] and ph.lesion_slices == truth["lesion_slices"]
+        assert (ph.lesion_count == truth["lesion_count"]
+                and ph.lesion_slices == truth["lesion_slices"])
         if record.category == "presence":
             assert record.choices[record.answer] == ("Yes" if ph.lesion_count else "No")
         elif record.category == "count":

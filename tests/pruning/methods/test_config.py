@@ -65,7 +65,7 @@ def test_temperature_per_family() -> None:
     assert PruningConfig().temperature_for("gemma3") == 2.0
     assert PruningConfig().temperature_for("qwen2_5_vl") == 1.0
     assert PruningConfig(temperature=0.5).temperature_for("gemma3") == 0.5
-    assert default_temperature("hulu") == 1.0
+    assert default_temperature("hulu_med") == 1.0
     with pytest.raises(ValueError, match="known families"):
         default_temperature("llava")
 

@@ -56,7 +56,8 @@ def test_unbatched_and_low_precision_input() -> None:
     torch.testing.assert_close(out, attention_received(q[None], k[None])[0])
     low = attention_received(q.bfloat16(), k.bfloat16())
     assert low.dtype == torch.float32
-    torch.testing.assert_close(low.double(), reference(q.bfloat16(), k.bfloat16()), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(low.double(), reference(q.bfloat16(), k.bfloat16()),
+                               rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,8 @@ def test_unbatched_and_low_precision_input() -> None:
         (torch.randn(1, 2, 4, 8), torch.randn(1, 3, 4, 8), "agree"),
         (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 7), "agree"),
         (torch.randn(4, 8), torch.randn(4, 8), r"\(B, H, N, d\)"),
-        (torch.ones(1, 2, 4, 8, dtype=torch.long), torch.ones(1, 2, 4, 8, dtype=torch.long), "floating"),
+        (torch.ones(1, 2, 4, 8, dtype=torch.long), torch.ones(1, 2, 4, 8, dtype=torch.long),
+         "floating"),
     ],
 )
 def test_invalid_input(q: torch.Tensor, k: torch.Tensor, match: str) -> None:

@@ -19,7 +19,8 @@ def test_hulu_l1_consecutive_frames() -> None:
     keep = hulu_l1_keep(pixels, threshold=0.1)
     assert keep.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
     # Token 0 is always kept; numpy input works; the threshold is strict.
-    assert hulu_l1_keep(np.zeros((2, 2, 4)), threshold=0.0).tolist() == [[True, True], [True, False]]
+    assert (hulu_l1_keep(np.zeros((2, 2, 4)), threshold=0.0).tolist()
+            == [[True, True], [True, False]])
     with pytest.raises(ValueError, match="T frames"):
         hulu_l1_keep(torch.zeros(3, 4))
 

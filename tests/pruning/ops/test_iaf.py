@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.ops.iaf import IAF_UINT8_SCALE, uniform_slices
+from pruning.ops.iaf import IAF_UINT8_SCALE, PatchPercentileOptions, anchor_slices, uniform_slices
+from pruning.ops.iaf_local import LocalOptions
 from pruning.ops.slice_filters import select_slices
 
 FAST = settings(max_examples=40, deadline=None)
@@ -107,9 +108,11 @@ def test_patch_distances_keep_a_small_lesion() -> None:
     vol[3, 8:12, 8:12] = 1.0  # whole-slice mean 16/1024 < 0.05; its 8x8 patch mean is 0.25
     assert select_slices(vol, 0.05).tolist() == [0]
     assert select_slices(vol, 0.05, distance="patch_max").tolist() == [0, 3, 4]
-    assert select_slices(vol, 0.05, distance="patch_percentile", percentile=100).tolist() == [0, 3, 4]
+    p100 = PatchPercentileOptions(iaf_percentile=100)
+    p50 = PatchPercentileOptions(iaf_percentile=50)
+    assert select_slices(vol, 0.05, distance="patch_percentile", options=p100).tolist() == [0, 3, 4]
     # At the median patch the lesion is invisible again.
-    assert select_slices(vol, 0.05, distance="patch_percentile", percentile=50).tolist() == [0]
+    assert select_slices(vol, 0.05, distance="patch_percentile", options=p50).tolist() == [0]
     # Edge patches that do not fill a whole patch still count (mean over their pixels).
     edge = np.zeros((2, 10, 10), dtype=np.float32)
     edge[1, 9, 9] = 1.0  # alone in a 2x2 corner patch: 0.25
@@ -125,7 +128,7 @@ def test_per_channel_scale_is_exact() -> None:
     as_float = u8.astype(np.float64) * scale  # the affine offset cancels in differences
     for gamma in (0.0, 0.5, 1.0, 1.2):
         ref = naive_iaf(as_float, gamma)
-        assert select_slices(u8, gamma, scale=scale).tolist() == ref
+        assert anchor_slices(u8, gamma, scale=scale).tolist() == ref
         assert select_slices(as_float, gamma).tolist() == ref
     rgb = np.repeat(u8[..., :1], 3, axis=-1)
     assert select_slices(rgb, 0.3, distance="patch_max").tolist() == select_slices(
@@ -141,14 +144,26 @@ def test_per_channel_scale_is_exact() -> None:
         ({"gamma": float("nan")}, "gamma"),
         ({"distance": "max"}, "valid"),
         ({"min_slices": 3, "max_slices": 2}, "max_slices"),
-        ({"percentile": 101}, "percentile"),
-        ({"scale": [1.0, 2.0]}, "per-channel"),
+        ({"distance": "patch_percentile", "options": LocalOptions()},
+         "'patch_percentile' takes PatchPercentileOptions, got LocalOptions"),
     ],
 )
 def test_invalid_input(kwargs: dict, match: str) -> None:
     args = {"slices": np.zeros((3, 4, 4), dtype=np.float32), "gamma": 0.05, **kwargs}
     with pytest.raises(ValueError, match=match):
         select_slices(args.pop("slices"), args.pop("gamma"), **args)
+
+
+def test_invalid_walk_options() -> None:
+    vol = np.zeros((3, 4, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="percentile"):
+        PatchPercentileOptions(iaf_percentile=101)
+    with pytest.raises(ValueError, match="percentile"):
+        anchor_slices(vol, 0.05, distance="patch_percentile", percentile=101)
+    with pytest.raises(ValueError, match="per-channel"):
+        anchor_slices(vol, 0.05, scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="patch"):
+        anchor_slices(vol, 0.05, distance="patch_max", patch=0)
 
 
 def test_nan_is_reported() -> None:
@@ -184,8 +199,9 @@ def test_local_distance_is_wired_through_select_slices_and_the_config() -> None:
     base = rng.integers(0, 255, size=(1, 32, 32), dtype=np.uint8)
     volume = np.repeat(base, 12, axis=0)
     volume[6:8, 10:14, 10:14] = 255 - volume[6:8, 10:14, 10:14]  # a small local change
-    expected = select_slices_local(volume, 0.05, gamma_local=0.3)
-    got = select_slices(volume, 0.05, distance="local", gamma_local=0.3)
+    options = LocalOptions(iaf_gamma_local=0.3)
+    expected = select_slices_local(volume, 0.05, options)
+    got = select_slices(volume, 0.05, distance="local", options=options)
     assert got.tolist() == expected.tolist()
     assert {6, 7} <= set(got.tolist())
     assert select_slices(volume, 0.05).tolist() == [0]  # the whole-slice mean misses it

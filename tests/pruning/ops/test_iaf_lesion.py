@@ -8,6 +8,7 @@ import pytest
 from jobs.benchmarks.lesion_insertion import insert_lesions, synthetic_chest, tissue_masks
 from pruning.ops.iaf import budget_count
 from pruning.ops.iaf_lesion import (
+    LesionOptions,
     hessian_blob_response,
     lesion_grid,
     lesion_scores,
@@ -119,4 +120,6 @@ def test_the_working_grid_is_small_and_reads_rgb_packing() -> None:
     with pytest.raises(ValueError, match="max_span"):
         lesion_scores(vol, max_span=0)
     with pytest.raises(ValueError, match="threshold"):
-        select_slices_lesion(vol, 0.05, threshold=0.0)
+        select_slices_lesion(vol, 0.05, LesionOptions(iaf_lesion_threshold=0.0))
+    with pytest.raises(ValueError, match="must not exceed iaf_lesion_max_size"):
+        LesionOptions(iaf_lesion_min_size=13.0)

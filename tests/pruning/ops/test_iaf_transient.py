@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pruning.ops.iaf_transient import select_slices_transient, transient_scores
+from pruning.ops.iaf_transient import TransientOptions, select_slices_transient, transient_scores
 from pruning.ops.slice_filters import select_slices
 
 
@@ -32,7 +32,8 @@ def test_a_small_lesion_on_three_slices_is_found_and_growing_anatomy_is_not() ->
     assert np.all(scores[6:9] > 0.3)
     others = np.delete(scores, [6, 7, 8])
     assert others.max() < 0.15, others  # one pixel of growth per slice is tolerated
-    kept = select_slices_transient(vol, 2.0, threshold=0.3)  # gamma 2: no anatomy anchors
+    # gamma 2: no anatomy anchors
+    kept = select_slices_transient(vol, 2.0, TransientOptions(iaf_finding_threshold=0.3))
     assert kept.tolist() == [0, 6, 7, 8]
     # The paper's whole-slice distance does not see it: the lesion moves the mean by ~0.005.
     assert select_slices(vol, 0.05).tolist() == select_slices(_growing_organ(), 0.05).tolist()
@@ -82,7 +83,8 @@ def test_uint8_and_float_inputs_and_channels_agree() -> None:
     a = transient_scores(vol)
     np.testing.assert_allclose(transient_scores(as_float), a, atol=1e-5)
     np.testing.assert_allclose(transient_scores(rgb), a, atol=1e-5)
-    assert select_slices_transient(rgb, 0.05).tolist() == select_slices_transient(vol, 0.05).tolist()
+    assert (select_slices_transient(rgb, 0.05).tolist()
+            == select_slices_transient(vol, 0.05).tolist())
 
 
 def test_bad_options_are_rejected_with_the_valid_range() -> None:
@@ -96,7 +98,7 @@ def test_bad_options_are_rejected_with_the_valid_range() -> None:
     with pytest.raises(ValueError, match="shape"):
         transient_scores(np.zeros((4, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match="threshold"):
-        select_slices_transient(vol, 0.05, threshold=-0.1)
+        select_slices_transient(vol, 0.05, TransientOptions(iaf_finding_threshold=-0.1))
 
 
 def test_transient_distance_is_wired_through_select_slices_and_the_config() -> None:
@@ -104,11 +106,13 @@ def test_transient_distance_is_wired_through_select_slices_and_the_config() -> N
 
     vol = _growing_organ(size=32)
     vol[6:8][:, _disc(32, 16, 19, 1.6)] += 70  # a 3 px lesion: found at size 2, not at size 3
-    expected = select_slices_transient(vol, 2.0, threshold=0.25, span=3, shift=1, size=2)
-    got = select_slices(vol, 2.0, distance="transient", finding_threshold=0.25, span=3, shift=1,
-                        finding_size=2)
+    options = TransientOptions(iaf_finding_threshold=0.25, iaf_span=3, iaf_shift=1,
+                               iaf_finding_size=2)
+    expected = select_slices_transient(vol, 2.0, options)
+    got = select_slices(vol, 2.0, distance="transient", options=options)
     assert got.tolist() == expected.tolist() == [0, 6, 7]
-    assert select_slices(vol, 2.0, distance="transient", finding_size=3).tolist() == [0]
+    bigger = TransientOptions(iaf_finding_size=3)
+    assert select_slices(vol, 2.0, distance="transient", options=bigger).tolist() == [0]
     config = PruningConfig(iaf_distance="transient", gamma=2.0, iaf_finding_threshold=0.25,
                            iaf_span=3, iaf_finding_size=2)
     assert "iaf=transient" in config.short_name() and "span=3" in config.short_name()

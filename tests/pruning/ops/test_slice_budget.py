@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import ast
-import math
 
 import numpy as np
 import pytest
 
 from pruning.ops.iaf import budget_count, uniform_slices
 from pruning.ops.slice_filters import DISTANCES, select_slices
-
-
-def _volume(depth: int = 20, size: int = 48, seed: int = 0) -> np.ndarray:
-    """uint8 (D, H, W, 3): slowly changing anatomy, noise, and one bright 3-slice blob."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    vol = np.empty((depth, size, size), dtype=np.float32)
-    for z in range(depth):
-        r = size * (0.25 + 0.1 * math.sin(z / 4))
-        vol[z] = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r, 120.0, 20.0)
-    vol[8:11, 10:16, 28:34] += 90.0
-    vol += rng.normal(0, 3, vol.shape)
-    return np.repeat(np.clip(vol, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+from tests.helpers.slices import anatomy_with_blob
 
 
 def test_budget_count_rounds_half_up_with_at_least_one_slice() -> None:
@@ -39,7 +26,7 @@ def test_budget_count_rounds_half_up_with_at_least_one_slice() -> None:
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("budget", [0.05, 0.2, 0.4, 0.6, 1.0])
 def test_every_filter_keeps_exactly_the_budget(distance: str, budget: float) -> None:
-    vol = _volume()
+    vol = anatomy_with_blob()
     kept = select_slices(vol, 0.05, distance=distance, budget=budget)
     assert kept.dtype == np.int64
     assert len(kept) == budget_count(budget, len(vol))  # never more, and the budget is used
@@ -55,7 +42,7 @@ def test_uniform_sampling_at_a_budget() -> None:
 
 
 def test_budget_with_max_slices_keep_last_and_min_slices() -> None:
-    vol = _volume(depth=30)
+    vol = anatomy_with_blob(depth=30)
     kept = select_slices(vol, 0.05, budget=0.5, max_slices=10, keep_last=True)
     assert len(kept) == 5 and kept[-1] == 29
     assert len(select_slices(vol, 0.05, budget=0.1, min_slices=6)) == 6
@@ -68,7 +55,7 @@ def test_without_a_budget_the_threshold_filters_are_unchanged() -> None:
     from pruning.ops.iaf_local import select_slices_local
     from pruning.ops.iaf_transient import select_slices_transient
 
-    vol = _volume()
+    vol = anatomy_with_blob()
     assert select_slices(vol, 0.05).tolist() == anchor_slices(vol, 0.05).tolist()
     assert (select_slices(vol, 0.05, distance="local").tolist()
             == select_slices_local(vol, 0.05).tolist())
@@ -77,7 +64,7 @@ def test_without_a_budget_the_threshold_filters_are_unchanged() -> None:
 
 
 def test_the_finding_filters_rank_the_blob_first_at_a_small_budget() -> None:
-    vol = _volume()
+    vol = anatomy_with_blob()
     for distance in ("transient", "lesion"):
         kept = select_slices(vol, 2.0, distance=distance, budget=0.15)  # 3 slices
         assert set(kept.tolist()) & {8, 9, 10}, distance
@@ -87,7 +74,7 @@ def test_the_filters_never_import_the_dispatcher() -> None:
     # No import circle: the filter modules import pruning.ops.iaf at most, never the dispatcher.
     import importlib
 
-    for name in ("iaf", "iaf_transient", "iaf_local", "iaf_lesion"):
+    for name in ("iaf", "iaf_findings", "iaf_transient", "iaf_local", "iaf_lesion", "labels"):
         module = importlib.import_module(f"pruning.ops.{name}")
         tree = ast.parse(open(module.__file__).read())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pruning.methods import Capture, PruningConfig, SlicePlan
+from pruning.runtime.adapters.base import SequentialPositions
 from pruning.testing import reference_inputs
 
 PROMPT = "Describe the liver."
@@ -84,6 +85,8 @@ def test_token_types_positions_and_deepstack_stay_aligned(tiny_vlm):
     assert int(image.sum()) == sample.stats.tokens_kept == sample.features.shape[0]
     if tiny_vlm.family == "gemma3":
         assert torch.equal(inputs["token_type_ids"].bool(), image)
+    if isinstance(tiny_vlm.adapter, SequentialPositions):  # 1-D: gathered, strictly increasing
+        assert inputs["position_ids"].shape == inputs["input_ids"].shape
         assert torch.equal(inputs["position_ids"][0], torch.unique(inputs["position_ids"][0]))
     else:
         assert inputs["position_ids"].shape == (3, 1, inputs["input_ids"].shape[1])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pruning.methods import Capture, PruningConfig
+from pruning.methods.medpruner import default_temperature
 from pruning.runtime.adapters import (
     adapter_for_config,
     create_adapter,
@@ -25,9 +26,15 @@ def _recipe(**overrides) -> SliceRecipe:
 
 
 def test_registry_lists_families_and_rejects_unknown():
-    assert list_adapters() == ["gemma3", "qwen2_5_vl", "qwen3_vl"]
-    with pytest.raises(ValueError, match=r"supported: \['gemma3', 'qwen2_5_vl', 'qwen3_vl'\]"):
+    assert list_adapters() == ["gemma3", "hulu_med", "qwen2_5_vl", "qwen3_vl"]
+    with pytest.raises(ValueError,
+                       match=r"supported: \['gemma3', 'hulu_med', 'qwen2_5_vl', 'qwen3_vl'\]"):
         create_adapter("llava")
+    assert family_for_config({"architectures": ["VideoLlama3ForConditionalGeneration"]}) == "hulu_med"
+    with pytest.raises(ValueError, match="medpruner convert hulu-med SRC DST"):
+        family_for_config({"architectures": ["HulumedQwen2ForCausalLM"], "model_type": "hulumed_qwen2"})
+    for family in list_adapters():  # every family has a reference DINS temperature
+        assert default_temperature(family) > 0
     assert family_for_config({"architectures": ["Qwen3VLForConditionalGeneration"]}) == "qwen3_vl"
     assert family_for_config({"model_type": "gemma3"}) == "gemma3"
     assert adapter_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}).family == "qwen2_5_vl"

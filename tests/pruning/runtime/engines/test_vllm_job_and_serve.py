@@ -21,9 +21,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.graph import run_evaluation
-from tests.jobs.helpers import REPO, free_port, start_local_ray
-from tests.pruning.runtime.engines.conftest import requires_vllm
-from tests.serve.conftest import gathered_vs_alone, loaded_rows, npy_bytes, phantom_volume
+from tests.helpers.cluster import REPO, free_port, start_local_ray
+from tests.helpers.engines import requires_vllm
+from tests.helpers.serving import gathered_vs_alone, loaded_rows, npy_bytes, phantom_volume
 
 pytestmark = [requires_vllm, pytest.mark.ray, pytest.mark.slow]
 METHODS = "methods=[{name: original, method: original}, {name: medpruner, method: medpruner}," \

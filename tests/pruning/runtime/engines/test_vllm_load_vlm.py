@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruning import PruningConfig
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     PROMPTS,
     drop_slice_tokens,
     make_engine_tiny,

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 
-from tests.pruning.runtime.engines.conftest import (
+from tests.helpers.engines import (
     NEW_TOKENS,
     PROMPTS,
     assert_engine_parity,

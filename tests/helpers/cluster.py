@@ -1,15 +1,22 @@
-"""Shared helpers of the Ray-side pipeline and job tests: one local Ray, small configs, data."""
+"""Shared helpers of the Ray-side tests: environment, one local Ray, small job configs, data,
+an actor that crashes once, free ports."""
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
+from jobs.local_cluster import free_port  # noqa: F401 - re-exported for the tests
 from pipeline.config import EvalConfig, parse_config
 
 MODEL = "tiny:qwen2_5_vl"
+# The result columns every results table must have (the README's list).
+DESIGN_COLUMNS = (
+    "id, dataset, model, method, task, category, question, answer, prediction, correct, bleu1, "
+    "bleu4, rouge1, rougeL, meteor, slices_total, slices_kept, tokens_total, tokens_kept, r_rate, "
+    "t_load_s, t_iaf_s, t_vision_s, t_prefill_s, t_decode_s, t_total_s, error"
+).split(", ")
 REPO = Path(__file__).resolve().parents[2]
 # Small pools with fractional CPUs so three stages and the read tasks fit a 2-core machine.
 SMALL_STAGES = {
@@ -23,6 +30,7 @@ def ray_env() -> dict[str, str]:
     """Environment for Ray processes started by tests (no auth, no telemetry)."""
     return {
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     }
@@ -33,24 +41,17 @@ def start_local_ray(num_cpus: int = 4) -> None:
     os.environ.update(ray_env())
     import ray
 
-    # address="local": always a new instance, never another session's running cluster
     ray.init(address="local", num_cpus=num_cpus, num_gpus=0, object_store_memory=300 * 1024**2,
              include_dashboard=False, log_to_driver=False)
     configure_ray_data()
 
 
 def configure_ray_data() -> None:
-    """Fail instead of silently pickling tensor columns (see spec/tooling.md)."""
+    """Fail instead of silently pickling tensor columns: an empty output batch would otherwise
+    make Ray fall back to pickled objects (a warning only)."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = False
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def small_config(output: str, manifest: str, fmt: str, cache: str, **extra: Any) -> EvalConfig:

@@ -1,4 +1,5 @@
-"""Shared pieces of the engine tests: vLLM availability, engine-sized tiny checkpoints, parity.
+"""Shared helpers of the engine tests: vLLM availability, engine-sized tiny checkpoints,
+volumes, parity against the ``hf`` engine.
 
 Engine start-up takes ~30 s on CPU (eager), so each test module starts one engine
 (module-scoped fixture) and sends all its cases through it.
@@ -15,7 +16,7 @@ import pytest
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-PHANTOM = Path(__file__).resolve().parents[4] / "models" / "phantom-qwen2_5_vl"
+PHANTOM = Path(__file__).resolve().parents[2] / "models" / "phantom-qwen2_5_vl"
 PROMPTS = ("Describe the liver.", "Which organ contains the lesion?", "Is there a nodule?")
 NEW_TOKENS = 8  # min = max: random weights would otherwise stop at different lengths
 LOGPROB_TOL = 1e-4  # float32; measured max 5e-7 with the plugin, ~1e-3 without it

@@ -92,7 +92,8 @@ def start_s3_server(directory: Path, *, bucket: str = "test", timeout: float = 6
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "data").mkdir(exist_ok=True)
     key, secret = "test" + secrets.token_hex(6), secrets.token_hex(16)
-    config = {"identities": [{"name": "tester", "credentials": [{"accessKey": key, "secretKey": secret}],
+    config = {"identities": [{"name": "tester",
+                              "credentials": [{"accessKey": key, "secretKey": secret}],
                               "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
     (directory / "s3.json").write_text(json.dumps(config))
     ports = _free_ports(2 * len(_COMPONENTS))
@@ -118,14 +119,14 @@ def start_s3_server(directory: Path, *, bucket: str = "test", timeout: float = 6
         if proc.poll() is not None:
             tail = (directory / "weed.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{tail}")
-        if _bucket_ready(server):
+        if bucket_ready(server):
             return server
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"weed mini not ready after {timeout} s; log in {directory / 'weed.log'}")
 
 
-def _bucket_ready(server: S3Server) -> bool:
+def bucket_ready(server: S3Server) -> bool:
     """True once the S3 port answers and the bucket accepts an authenticated listing."""
     try:
         urllib.request.urlopen(server.endpoint_url, timeout=1).close()

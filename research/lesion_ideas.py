@@ -1,8 +1,12 @@
 """Training-free lesion-finding ideas measured beside the recommended ``lesion`` filter.
 
+``python -m research.lesion_ideas [the lesions benchmark's options]`` (from the repository root)
+runs the lesions benchmark (:mod:`jobs.benchmarks.lesions`) with every idea added after the
+product's filters, as ``idea: <name>`` rows.
+
 Each entry maps ``(uint8 slices, budget) -> kept indices`` through the same ranking as the
-finding filters (:func:`pruning.ops.slice_filters.findings_then_anchors`): findings above a
-threshold best first, then anatomy anchors, then even filling. They are benchmark code, kept
+finding filters (:func:`pruning.ops.iaf_findings.findings_then_anchors`): findings above a
+threshold best first, then anatomy anchors, then even filling. They are an experiment log, kept
 to show what did and did not work on real anatomy (numbers in the README), not options of the
 pruning config. All but the phantom-tower ideas run on the lesion filter's working grid
 (:func:`lesion_grid`).
@@ -10,23 +14,49 @@ pruning config. All but the phantom-tower ideas run on the lesion filter's worki
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import numpy as np
 
+from jobs.benchmarks import lesions
 from pruning.ops.iaf import budget_count
+from pruning.ops.iaf_findings import findings_then_anchors
 from pruning.ops.iaf_lesion import (
-    blob_response,
-    check_blob_options,
+    LesionOptions,
     component_scores,
     hessian_blob_response,
     lesion_grid,
 )
-from pruning.ops.slice_filters import findings_then_anchors, select_slices
+from pruning.ops.iaf_transient import TransientOptions
+from pruning.ops.slice_filters import select_slices
+
+_K = 1.6  # ratio of the DoG's two Gaussians (approximates a Laplacian of Gaussian)
 
 
 def _ranked(grid: np.ndarray, scores: np.ndarray, threshold: float, budget: float) -> np.ndarray:
-    return np.asarray(findings_then_anchors(grid, scores, threshold, budget_count(budget, len(grid))))
+    return findings_then_anchors(grid, scores, threshold, budget_count(budget, len(grid)))
+
+
+def blob_response(grid: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
+    """Signed in-plane DoG response, the largest magnitude over three scales; (D, h, w).
+
+    A DoG also answers at edges and along ridges (outlines, in-plane vessels); see
+    :func:`pruning.ops.iaf_lesion.hessian_blob_response` for the blob-only measure the filter
+    uses.
+    """
+    from scipy import ndimage
+
+    # a disc of diameter d answers best at sigma ~ d / (2 * sqrt(2))
+    sigmas = np.geomspace(min_size, max_size, 3) / (2 * math.sqrt(2))
+    best = np.zeros_like(grid)
+    for s in sigmas:
+        small = ndimage.gaussian_filter(grid, (0, s, s), truncate=2.5)
+        large = ndimage.gaussian_filter(grid, (0, _K * s, _K * s), truncate=2.5)
+        dog = small - large
+        np.copyto(best, dog, where=np.abs(dog) > np.abs(best))
+    return best
 
 
 def dog_unbounded(slices: np.ndarray, budget: float) -> np.ndarray:
@@ -76,13 +106,14 @@ def z_residual(slices: np.ndarray, budget: float, half: int = 5) -> np.ndarray:
 def single_level(slices: np.ndarray, budget: float) -> np.ndarray:
     """The lesion filter before votes: compact blobs at one threshold (0.02), slices ranked
     by the blob's peak. Which lesions survive flips with the threshold, scan by scan."""
-    return select_slices(slices, 0.05, distance="lesion", lesion_levels=1, lesion_threshold=0.02,
-                         budget=budget)
+    options = LesionOptions(iaf_lesion_levels=1, iaf_lesion_threshold=0.02)
+    return select_slices(slices, 0.05, distance="lesion", options=options, budget=budget)
 
 
 def finer_grid(slices: np.ndarray, budget: float) -> np.ndarray:
     """The lesion filter on a 126-px working grid instead of 84 px (same grid-pixel scales)."""
-    return select_slices(slices, 0.05, distance="lesion", lesion_max_side=128, budget=budget)
+    options = LesionOptions(iaf_lesion_max_side=128)
+    return select_slices(slices, 0.05, distance="lesion", options=options, budget=budget)
 
 
 def through_plane_novelty(response: np.ndarray, reach: int = 8, link: int = 1) -> np.ndarray:
@@ -149,19 +180,18 @@ def asymmetry(slices: np.ndarray, budget: float, link: int = 1) -> np.ndarray:
 
 def transient_real_ct(slices: np.ndarray, budget: float) -> np.ndarray:
     """The transient filter with the larger findings the README suggested for real CT."""
+    options = TransientOptions(iaf_shift=3, iaf_finding_size=4)
+    return select_slices(slices, 0.05, distance="transient", options=options, budget=budget)
 
-    return select_slices(slices, 0.05, distance="transient", shift=3, finding_size=4,
-                         budget=budget)
+
+# The z-run idea's blob knobs: the lesion filter's defaults at a higher threshold.
+RUN_LENGTH = LesionOptions(iaf_lesion_threshold=0.02)
 
 
 def run_length_scores(
     slices: np.ndarray,
+    options: LesionOptions = RUN_LENGTH,
     *,
-    threshold: float = 0.02,
-    max_span: int = 8,
-    min_size: float = 1.5,
-    max_size: float = 12.0,
-    link: int = 1,
     drop: float = 0.5,
     max_side: int = 128,
     grid: np.ndarray | None = None,
@@ -169,18 +199,19 @@ def run_length_scores(
     """Per slice the strongest blob on it whose z-run is bounded (0 where there is none).
 
     For every voxel whose blob measure (:func:`hessian_blob_response`, bright and dark
-    separately) exceeds ``threshold``, the run is followed up and down the stack: it goes on
+    separately) exceeds the threshold, the run is followed up and down the stack: it goes on
     while the measure within ``link`` pixels in-plane stays at least ``drop`` times the
     voxel's own. A run longer than ``max_span`` slices, or one that reaches the first or last
     slice (its extent is unknown), is anatomy; otherwise the voxel's measure scores its slice.
 
     Args:
         slices: (D, H, W) or channels-last (D, H, W, C<=4), uint8 or float on [-1, 1].
-        threshold: blob measure a voxel must exceed ([-1, 1] scale; ~contrast / 4).
-        max_span: longest run that still counts as a finding, in slices.
-        min_size, max_size: blob diameters searched, in working-grid pixels.
-        link: in-plane tolerance in grid pixels when following a run to the next slice, so
-            vessels that drift between thick slices still read as one long structure.
+        options: the lesion filter's blob knobs, read as this idea reads them: a voxel's measure
+            must exceed ``iaf_lesion_threshold`` (~contrast / 4); runs longer than
+            ``iaf_lesion_max_span`` slices are anatomy; blob diameters from
+            ``iaf_lesion_min_size`` to ``iaf_lesion_max_size`` grid pixels; ``iaf_lesion_link``
+            pixels of in-plane drift when following a run (its levels and grid size are the
+            product filter's and unused here).
         drop: share of the voxel's measure below which its run has ended (0 < drop < 1).
         max_side: longest side of the working grid.
         grid: the working grid if already computed (:func:`lesion_grid`).
@@ -189,19 +220,19 @@ def run_length_scores(
         float64 (D,) scores on the [-1, 1] scale.
 
     Raises:
-        ValueError: bad shape or dtype, ``max_span`` < 1, sizes not 0 < min <= max,
-            ``link`` < 0, ``threshold`` <= 0, ``drop`` outside (0, 1).
+        ValueError: bad shape or dtype, or ``drop`` outside (0, 1) (the options model checks
+            the rest).
     """
     from scipy import ndimage
 
-    check_blob_options(max_span=max_span, min_size=min_size, max_size=max_size, link=link)
-    if not threshold > 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
+    threshold, max_span = options.iaf_lesion_threshold, options.iaf_lesion_max_span
+    link = options.iaf_lesion_link
     if not 0 < drop < 1:
         raise ValueError(f"drop must be in (0, 1), got {drop}")
     grid = lesion_grid(slices, max_side) if grid is None else grid
     depth = grid.shape[0]
-    response = hessian_blob_response(grid, min_size, max_size)
+    response = hessian_blob_response(grid, options.iaf_lesion_min_size,
+                                     options.iaf_lesion_max_size)
     scores = np.zeros(depth, dtype=np.float64)
     for sign in (1.0, -1.0):
         signed = response * np.float32(sign)
@@ -239,6 +270,8 @@ def _phantom_vlm():
     if "vlm" not in _PHANTOM:
         import torch
 
+        # Imported here: only the tower-attention idea needs the model runtime (transformers);
+        # the other ideas run on numpy and scipy alone.
         from pruning.runtime.vlm import load_vlm
 
         torch.set_num_threads(2)
@@ -268,7 +301,7 @@ def tower_attention(low: np.ndarray) -> np.ndarray:
     :func:`pruning.ops.attention.attention_received`): the scores MedPruner's DINS reads."""
     import torch
 
-    from pruning.methods.selection import Capture
+    from pruning.methods.selection import Capture  # the runtime's types: see _phantom_vlm
 
     vlm = _phantom_vlm()
     rgb = torch.from_numpy(np.ascontiguousarray(low))[..., None].expand(-1, -1, -1, 3)
@@ -335,3 +368,21 @@ IDEAS = {
     "phantom-tower attention peak, 64 px, minus its z-median (8 either side)":
         lambda v, b: tower_attention_peak(v, b, contrast=8),
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The lesions benchmark with every idea added (rows ``idea: <name>``).
+
+    Args:
+        argv: the lesions benchmark's options (None: ``sys.argv[1:]``); ``--filters`` picks
+            rows by name, ``--quick`` keeps only the product's first four filters.
+
+    Returns:
+        The benchmark's exit status.
+    """
+    extra = {f"idea: {name}": fn for name, fn in IDEAS.items()}
+    return lesions.main(sys.argv[1:] if argv is None else argv, extra=extra)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
