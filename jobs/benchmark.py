@@ -1,4 +1,5 @@
-"""Run one benchmark program: ``python -m jobs.benchmark {pruning,data,models,pipeline,serve,quality,lesions,engine,autoscale,reuse}``.
+"""Run one benchmark program: ``python -m jobs.benchmark NAME`` (pruning, data, models,
+pipeline, serve, quality, lesions, engine, autoscale, reuse).
 
 Benchmarks print ratios measured side by side in one run; they never assert timings.
 """
