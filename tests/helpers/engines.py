@@ -21,8 +21,11 @@ PROMPTS = ("Describe the liver.", "Which organ contains the lesion?", "Is there 
 NEW_TOKENS = 8  # min = max: random weights would otherwise stop at different lengths
 LOGPROB_TOL = 1e-4  # float32; measured max 5e-7 with the plugin, ~1e-3 without it
 
-# vLLM's CPU attention needs head_dim >= 32; the default tiny models use 16.
+# vLLM's CPU attention needs head_dim >= 32; the default tiny Qwen models use 16 (the tiny
+# Gemma3 and Hulu-Med models have 32 already).
 ENGINE_TINY_OVERRIDES = {
+    "gemma3": {},
+    "hulu_med": {},
     "qwen2_5_vl": {"num_attention_heads": 2, "num_key_value_heads": 1,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                        "mrope_section": [4, 6, 6]}},
@@ -66,8 +69,9 @@ def volumes(count: int = 3, depth: int = 4) -> list[np.ndarray]:
 
 
 def drop_slice_tokens(vlm, sample, slice_index: int):
-    """A copy of ``sample`` whose ``slice_index``-th image keeps no token (its
-    ``<|vision_start|><|vision_end|>`` pair stays), as a method that empties a slice would leave."""
+    """A copy of ``sample`` whose ``slice_index``-th image keeps no token (its text, e.g. Qwen's
+    ``<|vision_start|><|vision_end|>`` pair, stays), as a method that empties a slice would
+    leave."""
     import dataclasses
 
     import torch
