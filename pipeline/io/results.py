@@ -23,7 +23,7 @@ RESULT_SCHEMA = pa.schema([
     ("t_vision_s", _F64), ("t_prefill_s", _F64), ("t_decode_s", _F64), ("t_total_s", _F64),
     ("error", _STR), ("error_kind", _STR),
     ("tokens_after_iaf", _I64), ("t_select_s", _F64), ("scorer", _STR), ("pruning", _STR),
-    ("engine", _STR),
+    ("engine", _STR), ("causal_image_attention", pa.bool_()),
     ("prompt", _STR), ("choices_json", _STR), ("volume_uri", _STR), ("kept_slices_json", _STR),
     ("kept_tokens_json", _STR), ("sample_index", _I64), ("infer_node", _STR),
     ("infer_pid", _I64), ("run_id", _STR),

@@ -1,9 +1,12 @@
-"""The vllm engine through the evaluation job (Ray Data) and through Ray Serve over real HTTP.
+"""The vllm engine through the evaluation job (Ray Data) and through Ray Serve over real HTTP,
+for the phantom Qwen2.5-VL model, tiny Hulu-Med and tiny Gemma3 (with the causal image
+attention opt-in: vLLM's CPU attention ignores Gemma3's bidirectional image ranges).
 
-- Job: the demo config on a few held-out phantom questions with ``model.engine=vllm``: every
-  row present, each prediction equal to the ``hf`` run's.
-- Serve: the phantom model with ``engine=vllm``: 16 concurrent ``/v1/analyze`` requests all
-  answered, each equal to its sequential answer; one streaming chat completion.
+- Job: the demo config with ``model.engine=vllm``: every row present, each prediction equal to
+  the ``hf`` run's (which runs Gemma3 causally too under the opt-in), the choice recorded.
+- Serve: one app per model with ``engine=vllm``: 16 concurrent ``/v1/analyze`` requests all
+  answered, each equal to its sequential answer; streaming and plain chat completions agree;
+  concurrent calls gathered for the vision half still get their one-by-one answers.
 """
 
 from __future__ import annotations
@@ -26,23 +29,35 @@ pytestmark = [requires_vllm, pytest.mark.ray, pytest.mark.slow]
 METHODS = "methods=[{name: original, method: original}, {name: medpruner, method: medpruner}," \
           " {name: uniform, method: uniform, uniform_ratio: 0.36}," \
           " {name: random, method: random, random_ratio: 0.34}]"
+# model spec -> (its job overrides, volumes in the job, its Serve arguments)
+MODELS = {
+    "phantom": ([], 12, {}),
+    "tiny:hulu_med": (["model=tiny:hulu_med"], 6, {}),
+    "tiny:gemma3": (["model=tiny:gemma3", "model.causal_image_attention=true"], 6,
+                    {"causal_image_attention": True}),
+}
 
 
-def test_job_with_vllm_equals_hf(tmp_path) -> None:
+@pytest.mark.parametrize("model", list(MODELS))
+def test_job_with_vllm_equals_hf(tmp_path, model) -> None:
     import ray
 
+    overrides, volumes, _ = MODELS[model]
+    causal = model == "tiny:gemma3"
     start_local_ray()
     try:
         results = {}
         for engine in ("hf", "vllm"):
             config = load_config(REPO / "jobs/configs/demo.yaml", [
                 f"output={tmp_path / engine}", f"cache_dir={tmp_path / 'cache'}",
-                "dataset.synthetic_volumes=12", METHODS, f"model.engine={engine}",
-                "stages.infer.batch_size=16", "run.progress_interval_s=60"])
+                f"dataset.synthetic_volumes={volumes}", METHODS, *overrides,
+                f"model.engine={engine}", "stages.infer.batch_size=16",
+                "run.progress_interval_s=60"])
             result = run_evaluation(config, log=lambda _: None)
             table = pq.read_table(result.results_uri).to_pylist()
-            assert len(table) == 12 * 4 and all(r["error"] == "" for r in table)
-            assert {r["engine"] for r in table} == {engine}
+            assert len(table) == volumes * 4 and all(r["error"] == "" for r in table)
+            assert {(r["engine"], r["causal_image_attention"]) for r in table} == {
+                (engine, causal)}
             results[engine] = {(r["id"], r["method"]): (r["prediction"], r["kept_tokens_json"])
                                for r in table}
         assert results["vllm"] == results["hf"]
@@ -50,16 +65,18 @@ def test_job_with_vllm_equals_hf(tmp_path) -> None:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def served_vllm(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(MODELS))
+def served(request, tmp_path_factory):
+    """(base URL, model spec, public model name, cache dir) of an app serving one model."""
     import ray
     from ray import serve
 
     from serve.app import build_app
+    from serve.config import parse_app_args
 
     cache = tmp_path_factory.mktemp("cache")
-    args = {"model": "phantom", "engine": "vllm", "cache_dir": str(cache), "max_new_tokens": 4,
-            "pruning": {"method": "medpruner"},
+    args = {"model": request.param, "engine": "vllm", "cache_dir": str(cache),
+            "max_new_tokens": 4, "pruning": {"method": "medpruner"}, **MODELS[request.param][2],
             "ingress": {"resources": {"num_cpus": 0.25}, "max_ongoing_requests": 64},
             "preprocess": {"resources": {"num_cpus": 0.5, "max_actors": 1},
                            "max_ongoing_requests": 16, "max_queued_requests": 64},
@@ -72,7 +89,8 @@ def served_vllm(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300},
                     logging_config={"enable_access_log": False, "log_level": "WARNING"})
         serve.run(build_app(args), name="vllm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield (f"http://127.0.0.1:{port}", request.param, parse_app_args(args).model_name,
+               str(cache))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -84,19 +102,21 @@ def _body(seed: int) -> dict:
             "question": "Is there a lesion in this CT volume?", "choices": {"A": "yes", "B": "no"}}
 
 
-def test_concurrent_requests_equal_sequential(served_vllm) -> None:
+def test_concurrent_requests_equal_sequential(served) -> None:
+    url, model, _, _ = served
     bodies = [_body(seed) for seed in range(16)]
     sequential = []
     with httpx.Client(timeout=300) as client:
         for body in bodies:
-            r = client.post(served_vllm + "/v1/analyze", json=body)
+            r = client.post(url + "/v1/analyze", json=body)
             assert r.status_code == 200, r.text
             assert r.json()["engine"] == "vllm"
+            assert r.json()["causal_image_attention"] is (model == "tiny:gemma3")
             sequential.append((r.json()["answer"], r.json()["stats"]))
 
     async def burst():
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(client.post(served_vllm + "/v1/analyze", json=b)
+            return await asyncio.gather(*(client.post(url + "/v1/analyze", json=b)
                                           for b in bodies))
 
     concurrent = asyncio.run(burst())
@@ -104,13 +124,14 @@ def test_concurrent_requests_equal_sequential(served_vllm) -> None:
     assert [(r.json()["answer"], r.json()["stats"]) for r in concurrent] == sequential
 
 
-def test_streaming_chat_completion(served_vllm) -> None:
+def test_streaming_chat_completion(served) -> None:
+    url, model, name, _ = served
     data = base64.b64encode(npy_bytes(phantom_volume(depth=8, side=64))).decode()
-    body = {"model": "medpruner-phantom", "stream": True, "max_tokens": 4, "messages": [
+    body = {"model": name, "stream": True, "max_tokens": 4, "messages": [
         {"role": "user", "content": [
             {"type": "input_volume", "volume": {"data": data, "format": "npy"}},
             {"type": "text", "text": "Is there a lesion in this CT volume?"}]}]}
-    with httpx.stream("POST", served_vllm + "/v1/chat/completions", json=body, timeout=300) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         assert r.status_code == 200
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -118,23 +139,26 @@ def test_streaming_chat_completion(served_vllm) -> None:
     assert all("error" not in c for c in chunks), chunks
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["medpruner"]["engine"] == "vllm"
-    assert "t_prefill_s" not in chunks[-1]["medpruner"]["timings"]  # streamed by the engine
-    plain = httpx.post(served_vllm + "/v1/chat/completions", json=body | {"stream": False},
+    details = chunks[-1]["medpruner"]
+    assert details["engine"] == "vllm"
+    assert details["causal_image_attention"] is (model == "tiny:gemma3")
+    assert "t_prefill_s" not in details["timings"]  # streamed by the engine
+    plain = httpx.post(url + "/v1/chat/completions", json=body | {"stream": False},
                        timeout=300).json()
     assert text == plain["choices"][0]["message"]["content"]
-    assert chunks[-1]["medpruner"]["stats"] == plain["medpruner"]["stats"]
+    assert details["stats"] == plain["medpruner"]["stats"]
+    assert plain["medpruner"]["causal_image_attention"] is details["causal_image_attention"]
 
 
-def test_gathered_vision_batches_share_the_engine(served_vllm) -> None:
+def test_gathered_vision_batches_share_the_engine(served) -> None:
     """Batching on with vllm: concurrent requests are gathered for the vision half (several
     gathered calls in the engine at once) and each still gets its one-by-one answer."""
     from pipeline.stages import resolve_model
 
-    rows = loaded_rows(resolve_model("phantom"), tuple(f"Question {i}?" for i in range(12)))
+    _, model, _, cache = served
+    rows = loaded_rows(resolve_model(model, cache), tuple(f"Question {i}?" for i in range(12)))
     alone, together, calls = gathered_vs_alone("vllm", rows)
     assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
     assert all(r["error"] == "" and r["engine"] == "vllm" for r in together)
     assert sum(size * n for size, n in calls.items()) == len(rows)
     assert max(calls) > 1, calls
-
