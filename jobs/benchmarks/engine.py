@@ -8,8 +8,9 @@ Per model spec (default: the trained phantom checkpoint and bench-size random Qw
 Gemma3 and Hulu-Med models, LM 8 x 512) the volumes are pruned once (``--method``, default
 MedPruner) by our vision half, and the same samples feed both engines. Where vLLM runs a
 family only with causal attention inside each image (Gemma3 on a CPU host) both engines run it
-so (the ``causal_image_attention`` opt-in), and the table says so. ``--requests`` requests cycle over those samples; closed-loop
-clients keep ``c`` requests in flight for each concurrency ``c``:
+so (the ``causal_image_attention`` opt-in), and the table says so. ``--requests`` requests
+cycle over those samples; closed-loop clients keep ``c`` requests in flight for each
+concurrency ``c``:
 
 - ``hf``: one worker takes up to ``--hf-batch-size`` waiting requests and runs them as one
   ``generate`` call (the model stage's batching), then the next;
@@ -226,7 +227,8 @@ def handoff(samples_by_model: dict[str, list], repeats: int = 5) -> list[tuple[s
 
 
 def _table(all_results: dict, infos: dict, args) -> str:
-    head = f"{'model':<21} {'conc':>4} {'engine':<7} {'req/s':>8} {'out tok/s':>10} {'p50 s':>8} {'p95 s':>8}"
+    head = (f"{'model':<21} {'conc':>4} {'engine':<7} {'req/s':>8} {'out tok/s':>10} "
+            f"{'p50 s':>8} {'p95 s':>8}")
     lines = [f"engine benchmark: {args.requests} requests x {args.new_tokens} new tokens, "
              f"{args.method}-pruned inputs from {args.volumes} volumes x {args.slices} slices, "
              f"hf batch size {args.hf_batch_size}, vllm {'compiled' if args.compile else 'eager'} "
@@ -241,8 +243,8 @@ def _table(all_results: dict, infos: dict, args) -> str:
         for c, rows in results.items():
             for engine in ("hf", "vllm"):
                 r = rows[engine]
-                lines.append(f"{name:<21} {c:>4} {engine:<7} {r['req_s']:>8.2f} {r['tok_s']:>10.1f} "
-                             f"{r['p50']:>8.3f} {r['p95']:>8.3f}")
+                lines.append(f"{name:<21} {c:>4} {engine:<7} {r['req_s']:>8.2f} "
+                             f"{r['tok_s']:>10.1f} {r['p50']:>8.3f} {r['p95']:>8.3f}")
             h, v = rows["hf"], rows["vllm"]
             lines.append(f"{name:<21} {c:>4} {'vllm/hf':<7} {v['req_s'] / h['req_s']:>7.2f}x "
                          f"{v['tok_s'] / h['tok_s']:>9.2f}x {v['p50'] / h['p50']:>7.2f}x "

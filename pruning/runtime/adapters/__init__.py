@@ -94,4 +94,5 @@ def adapter_for_config(hf_config: Mapping[str, Any] | Any):
     return create_adapter(family_for_config(hf_config))
 
 
-__all__ = ["adapter_for_config", "bidirectional_image_attention", "create_adapter", "family_for_config", "list_adapters"]
+__all__ = ["adapter_for_config", "bidirectional_image_attention", "create_adapter",
+           "family_for_config", "list_adapters"]

@@ -77,7 +77,8 @@ class AsyncVLLMEngine(VLLMSetup):
             ids, metrics = list(out.outputs[0].token_ids), out.metrics
         return decode(self.tokenizer, ids), metrics
 
-    async def complete(self, sample: Sample, max_new_tokens: int, min_new_tokens: int = 0) -> Completion:
+    async def complete(self, sample: Sample, max_new_tokens: int,
+                       min_new_tokens: int = 0) -> Completion:
         """The greedy answer with its token ids and log-probabilities."""
         outputs = [o async for o in self._outputs(sample, max_new_tokens, min_new_tokens,
                                                   logprobs=True)]

@@ -133,7 +133,8 @@ def test_streaming_chat_completion(served) -> None:
             {"type": "text", "text": "Is there a lesion in this CT volume?"}]}]}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         assert r.status_code == 200
-        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line.removeprefix("data: ") for line in r.iter_lines()
+                  if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all("error" not in c for c in chunks), chunks

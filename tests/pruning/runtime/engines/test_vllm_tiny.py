@@ -1,4 +1,5 @@
-"""vLLM engine vs the hf engine on tiny models of every family, one engine at a time.
+"""vLLM engine vs the hf engine on tiny models of every family (Hulu-Med with a Qwen2 and a
+Qwen3 language model), one engine at a time.
 
 Qwen2.5-VL, Gemma3 and Hulu-Med run with ``max_num_batched_tokens=32``, which splits every
 prompt (~50-125 tokens), images included, into chunks. Each case runs twice and the second
@@ -32,39 +33,52 @@ from tests.helpers.engines import (
 pytestmark = [requires_vllm, pytest.mark.slow]
 CASES = pruning_cases()
 CHUNKED = {"max_num_batched_tokens": 32, "block_size": 32}
-# Per family, the engine's own options beside the shared ones.
-ENGINE_OPTIONS = {
-    "qwen2_5_vl": {"engine_args": CHUNKED},
-    "qwen3_vl": {"engine_args": {"block_size": 32}},
-    "gemma3": {"engine_args": CHUNKED, "causal_image_attention": True},
-    "hulu_med": {"engine_args": CHUNKED},
+# Per model: its family, the engine's own options beside the shared ones, and changes to the
+# tiny text config (Hulu-Med 14B has a Qwen3 language model, the others a Qwen2 one).
+MODELS = {
+    "qwen2_5_vl": ("qwen2_5_vl", {"engine_args": CHUNKED}, None),
+    "qwen3_vl": ("qwen3_vl", {"engine_args": {"block_size": 32}}, None),
+    "gemma3": ("gemma3", {"engine_args": CHUNKED, "causal_image_attention": True}, None),
+    "hulu_med": ("hulu_med", {"engine_args": CHUNKED}, None),
+    "hulu_med-qwen3": ("hulu_med", {"engine_args": {"block_size": 32}},
+                       {"model_type": "qwen3", "head_dim": 32}),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(ENGINE_OPTIONS))
-def family(request) -> str:
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
-def checkpoint(family, tmp_path_factory):
-    return make_engine_tiny(family, tmp_path_factory.mktemp("engine") / family)
+def family(model) -> str:
+    return MODELS[model][0]
 
 
 @pytest.fixture(scope="module")
-def vlm(family, checkpoint):
+def checkpoint(model, family, tmp_path_factory):
+    from pruning.testing import make_tiny_vlm
+
+    out = tmp_path_factory.mktemp("engine") / model
+    text = MODELS[model][2]
+    return make_engine_tiny(family, out) if text is None else make_tiny_vlm(
+        family, out, text_config=text)
+
+
+@pytest.fixture(scope="module")
+def vlm(model, checkpoint):
     from pruning.runtime.vlm import load_vlm
 
-    causal = ENGINE_OPTIONS[family].get("causal_image_attention", False)
+    causal = MODELS[model][1].get("causal_image_attention", False)
     return load_vlm(checkpoint, causal_image_attention=causal)
 
 
 @pytest.fixture(scope="module")
-def engine(family, checkpoint):
+def engine(model, checkpoint):
     from pruning.runtime.engines.vllm_offline import VLLMEngine
 
     engine = VLLMEngine(checkpoint, max_images=8, max_model_len=1024, kv_cache_gib=0.5,
-                        max_num_seqs=8, **ENGINE_OPTIONS[family])
+                        max_num_seqs=8, **MODELS[model][1])
     yield engine
     engine.shutdown()
 
@@ -83,7 +97,8 @@ def test_greedy_equals_hf_twice(family, vlm, engine, method):
     if family == "qwen3_vl":
         assert all(len(s.deepstack) == engine.layout.deepstack_layers > 0 for s in first)
     out = engine.generate(first, NEW_TOKENS, NEW_TOKENS)
-    assert out.texts == [c.text for c in engine.generate_completions(first, NEW_TOKENS, NEW_TOKENS)]
+    assert out.texts == [c.text for c in engine.generate_completions(first, NEW_TOKENS,
+                                                                     NEW_TOKENS)]
     assert 0 < out.t_prefill and 0 < out.t_decode  # split at the batch's last first token
 
 
@@ -92,7 +107,8 @@ def test_zero_kept_slice_keeps_its_text_and_position_jump(vlm, engine, method):
     prepared = vlm.prepare_batch(volumes(), list(PROMPTS), pruning=CASES[method])
     # First, a middle and the last slice emptied in turn: the jump lands before, between
     # and after the images that remain.
-    samples = [drop_slice_tokens(vlm, s, i) for s, i in zip(prepared.samples, (0, 1, -1), strict=True)]
+    samples = [drop_slice_tokens(vlm, s, i)
+               for s, i in zip(prepared.samples, (0, 1, -1), strict=True)]
     assert_engine_parity(vlm, _complete(engine), CASES[method], samples=samples)
 
 
