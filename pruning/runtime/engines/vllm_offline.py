@@ -4,7 +4,8 @@ The request layout (what a pruned sample becomes) is :mod:`pruning.runtime.engin
 vllm_requests`; the async engine a server drives is :mod:`pruning.runtime.engines.vllm_async`.
 vLLM spawns its engine core in a child process (forked outside Ray actors, spawned inside them);
 see :mod:`pruning.runtime.engines.cpu_compat` for what makes that importable on CPU hosts.
-Nothing here imports vLLM until an engine is built.
+Importing this module asks vLLM's platform module which host it runs on (the engines'
+capabilities depend on its attention); the rest of vLLM is imported when an engine is built.
 """
 
 from __future__ import annotations
@@ -60,9 +61,16 @@ def reads_image_ranges() -> bool:
 
 
 def family_support(image_ranges: bool) -> dict[str, SupportLevel]:
-    """How the vLLM engines run each family: every one exactly, except that a family attending
-    bidirectionally within images (Gemma3) runs only causally there without ``image_ranges``
-    (an attention that reads vLLM's image ranges)."""
+    """How the vLLM engines run each family.
+
+    Args:
+        image_ranges: vLLM's attention here reads its image ranges (:func:`reads_image_ranges`).
+
+    Returns:
+        Per family of :data:`FAMILIES`, ``exact``; except that a family attending
+        bidirectionally within images (Gemma3) runs only with ``causal_image_attention``
+        without ``image_ranges``.
+    """
     return {family: EXACT if image_ranges or not bidirectional_image_attention(family)
             else CAUSAL_IMAGE_ATTENTION for family in FAMILIES}
 
@@ -72,7 +80,15 @@ CAUSAL_REASON = ("vLLM's CPU attention ignores the bidirectional image ranges (o
 
 
 def vllm_capabilities(*, streams: bool) -> EngineCapabilities:
-    """The capabilities of a vLLM engine on this host (``streams``: the Serve one)."""
+    """The capabilities of a vLLM engine on this host.
+
+    Args:
+        streams: the engine streams answers (the one a Serve replica drives).
+
+    Returns:
+        Continuous batching, gathered vision, its own language model, and the families per
+        :func:`family_support` on this host's platform.
+    """
     return EngineCapabilities(
         streams=streams, continuous_batching=True, gathers_vision=True,
         owns_language_model=True, families=family_support(reads_image_ranges()),
