@@ -156,8 +156,13 @@ def _positive_size(value: tuple[int, int] | None) -> tuple[int, int] | None:
 # The model-side choices the evaluation job and Serve share.
 EngineChoice = Annotated[Literal["auto", "hf", "vllm"], Field(
     description="what generates from the pruned tokens: 'hf' (transformers generate, the "
-    "parity reference) or 'vllm' (vLLM's paged KV cache and continuous batching, Qwen "
-    "families); 'auto' is vllm when it is installed and a GPU is present, else hf")]
+    "parity reference) or 'vllm' (vLLM's paged KV cache and continuous batching, every "
+    "family); 'auto' is vllm when it is installed and a GPU is present, else hf")]
+CausalImageAttention = Annotated[bool, Field(
+    description="accept causal attention inside each image for a model that attends "
+    "bidirectionally there (Gemma3 / MedGemma), on every engine alike; required for vllm on "
+    "a CPU host (its attention ignores the image ranges), recorded in every result and "
+    "answer; no effect on the other families")]
 SliceSize = Annotated[tuple[int, int] | None, AfterValidator(_positive_size), Field(
     description="(height, width): resize every volume as the checkpoint's processor would "
     "resize a slice of this size (uniform batches; token counts then differ from the "
@@ -176,6 +181,7 @@ class ModelConfig(StrictModel):
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
     engine: EngineChoice = "auto"
+    causal_image_attention: CausalImageAttention = False
     slice_size: SliceSize = None
 
     @model_validator(mode="before")

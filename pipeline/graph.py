@@ -293,7 +293,8 @@ def stage_specs(config: EvalConfig) -> dict[str, StageSpec]:
             "retry_backoff_s": run.retry_backoff_s, **reuse}, config.stages.load),
         "infer": StageSpec(InferActor, {
             **model, "device": config.model.device, "dtype": config.model.dtype,
-            "engine": config.model.engine, "max_new_tokens": config.max_new_tokens, **reuse},
+            "engine": config.model.engine, "max_new_tokens": config.max_new_tokens,
+            "causal_image_attention": config.model.causal_image_attention, **reuse},
             config.stages.infer),
         "score": StageSpec(ScoreActor, {"scorer": config.scorer}, config.stages.score),
     }

@@ -295,7 +295,9 @@ class InferStage:
     ``VLM.generate_batch`` on the plans the load stage made; if a group fails, its rows are
     retried one by one so a single bad sample only costs its own row. A row's
     ``max_new_tokens`` column, when present, overrides the stage default. ``engine`` (``hf``,
-    ``vllm`` or ``auto``) says what generates; every row reports it. The bulky ``slices`` and
+    ``vllm`` or ``auto``) says what generates; every row reports it, and whether a model that
+    attends bidirectionally within images ran causally there (``causal_image_attention``, the
+    opt-in of :func:`~pruning.runtime.vlm.load_vlm`). The bulky ``slices`` and
     ``plan`` columns are dropped from the output unless ``keep_slices`` is set.
 
     A server drives it through :meth:`__call__` (gathered rows), or, when the engine streams,
@@ -326,10 +328,11 @@ class InferStage:
         serving: bool = False,
         reuse: bool = False,
         reuse_cache_mb: float = 0.0,
+        causal_image_attention: bool = False,
     ) -> None:
         self.vlm = load_vlm(model, device=device, dtype=dtype, cache_dir=cache_dir,
                             slice_size=slice_size, engine=engine, engine_options=engine_options,
-                            serving=serving)
+                            serving=serving, causal_image_attention=causal_image_attention)
         self.max_new_tokens = max_new_tokens
         self.keep_slices = keep_slices
         self.reuse = reuse
@@ -352,6 +355,7 @@ class InferStage:
         vision tower's attention blocks (``hiprune_object_layer``'s bound)."""
         vlm = self.vlm
         return {"family": vlm.family, "device": str(vlm.device), "engine": vlm.engine.name,
+                "causal_image_attention": vlm.adapter.causal_image_attention,
                 "capabilities": asdict(self.capabilities),
                 "vision_layers": len(vlm.adapter.attention_layers(vlm.model))}
 
@@ -545,6 +549,7 @@ class InferStage:
         out.update(floats)
         out.update(
             engine=np.asarray([self.vlm.engine.name] * n, dtype=object),
+            causal_image_attention=np.full(n, self.vlm.adapter.causal_image_attention),
             prediction=np.asarray(prediction, dtype=object),
             kept_tokens_json=np.asarray(kept_tokens, dtype=object),
             kept_slices_json=np.asarray(kept_slices, dtype=object),

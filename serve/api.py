@@ -296,7 +296,8 @@ def analysis_body(cfg: ServeAppConfig, job: AnalysisJob, result: AnalysisResult,
         vision_reused=bool(row.get("vision_reused", False)))
     body = AnalyzeResponse(
         id=job.id, model=cfg.model_name, answer=str(row["prediction"]), task=task,
-        pruning=job.pruning.model_dump(mode="json"), engine=row.get("engine"), stats=stats,
+        pruning=job.pruning.model_dump(mode="json"), engine=row.get("engine"),
+        causal_image_attention=row.get("causal_image_attention"), stats=stats,
         timings=timings,
         kept_tokens=json.loads(row["kept_tokens_json"]) if with_tokens else None)
     return body.model_dump(mode="json")

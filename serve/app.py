@@ -199,7 +199,8 @@ class ModelServer:
         self._stage = InferStage(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                  max_new_tokens=cfg.max_new_tokens, cache_dir=cfg.cache_dir,
                                  slice_size=cfg.slice_size, engine=cfg.engine, serving=True,
-                                 reuse=cfg.reuse.enabled, reuse_cache_mb=cfg.reuse.max_mb)
+                                 reuse=cfg.reuse.enabled, reuse_cache_mb=cfg.reuse.max_mb,
+                                 causal_image_attention=cfg.causal_image_attention)
         capabilities = self._stage.capabilities
         # Requests are gathered with @serve.batch windows into one stage call (its vision half
         # runs as one batch) when the engine gathers them. An engine without continuous

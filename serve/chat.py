@@ -144,7 +144,8 @@ def chat_to_analyze(req: ChatRequest) -> AnalyzeRequest:
 
 def chat_body(model_name: str, analysis: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` object; MedPruner details under ``medpruner``."""
-    extra = {k: analysis[k] for k in ("stats", "timings", "pruning", "engine", "kept_tokens")}
+    extra = {k: analysis[k] for k in ("stats", "timings", "pruning", "engine",
+                                      "causal_image_attention", "kept_tokens")}
     return {
         "id": "chatcmpl-" + analysis["id"].removeprefix("req-"),
         "object": "chat.completion", "created": int(time.time()), "model": model_name,

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from pipeline.config import (
+    CausalImageAttention,
     ConfigError,
     EngineChoice,
     SliceSize,
@@ -162,6 +163,7 @@ class ServeAppConfig(StrictModel):
     pruning: PruningField = Field(default_factory=PruningConfig,
                                   description="default pruning; requests override fields")
     engine: EngineChoice = "auto"
+    causal_image_attention: CausalImageAttention = False
     slice_size: SliceSize = None
     max_new_tokens: int = Field(64, ge=1, description="default generation budget")
     request_timeout_s: float = Field(120.0, gt=0, description="end-to-end budget of one "

@@ -77,6 +77,9 @@ class AnalyzeResponse(BaseModel):
     task: Task
     pruning: dict[str, Any] = Field(..., description="the full PruningConfig actually used")
     engine: str | None = Field(None, description="what generated the answer: hf or vllm")
+    causal_image_attention: bool | None = Field(
+        None, description="true when a model that attends bidirectionally within each image "
+        "(Gemma3) ran causally there: the causal_image_attention opt-in")
     stats: AnalyzeStats
     timings: dict[str, float]
     kept_tokens: list[list[int]] | None = None

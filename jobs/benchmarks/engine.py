@@ -1,13 +1,16 @@
 """hf vs vllm engine on the same pruned inputs: throughput and latency under concurrency.
 
-``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench] [--requests 64]
-[--concurrency 1 8 32] [--new-tokens 32] [--hf-batch-size 4] [--dtype float32|bfloat16]
-[--compile] [--handoff] [--quick]``
+``python -m jobs.benchmark engine [--models phantom tiny:qwen2_5_vl:bench tiny:gemma3:bench
+tiny:hulu_med:bench] [--requests 64] [--concurrency 1 8 32] [--new-tokens 32]
+[--hf-batch-size 4] [--dtype float32|bfloat16] [--compile] [--handoff] [--quick]``
 
-Per model spec (default: the trained phantom checkpoint and a bench-size random Qwen2.5-VL,
-LM 8 x 512) the volumes are pruned once (``--method``, default MedPruner) by our vision half, and the same
-samples feed both engines. ``--requests`` requests cycle over those samples; closed-loop
-clients keep ``c`` requests in flight for each concurrency ``c``:
+Per model spec (default: the trained phantom checkpoint and bench-size random Qwen2.5-VL,
+Gemma3 and Hulu-Med models, LM 8 x 512) the volumes are pruned once (``--method``, default
+MedPruner) by our vision half, and the same samples feed both engines. Where vLLM runs a
+family only with causal attention inside each image (Gemma3 on a CPU host) both engines run it
+so (the ``causal_image_attention`` opt-in), and the table says so. ``--requests`` requests
+cycle over those samples; closed-loop clients keep ``c`` requests in flight for each
+concurrency ``c``:
 
 - ``hf``: one worker takes up to ``--hf-batch-size`` waiting requests and runs them as one
   ``generate`` call (the model stage's batching), then the next;
@@ -25,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
 
 from pipeline.synthetic.ct import make_phantom
 from pruning import PruningConfig
+from pruning.runtime.adapters import family_for_config
 from pruning.runtime.checkpoints import resolve_checkpoint
+from pruning.runtime.engines.base import CAUSAL_IMAGE_ATTENTION
 from pruning.runtime.engines.hf import HFEngine
 from pruning.runtime.engines.vllm_async import AsyncVLLMEngine
 from pruning.runtime.sequence import Sample
@@ -39,6 +45,16 @@ from pruning.runtime.vlm import load_vlm
 
 PROMPTS = ("Is there a lesion?", "Which organ contains the lesion?",
            "How many lesions are visible?", "Please generate a report for the given images.")
+MODELS = ["phantom", "tiny:qwen2_5_vl:bench", "tiny:gemma3:bench", "tiny:hulu_med:bench"]
+
+
+def _causal_only(checkpoint) -> bool:
+    """True when vLLM on this host runs the checkpoint's family only with causal attention
+    inside each image (both engines then run it so)."""
+    family = family_for_config(json.loads((checkpoint / "config.json").read_text()))
+    return AsyncVLLMEngine.capabilities.families.get(family) == CAUSAL_IMAGE_ATTENTION
+
+
 def _samples(vlm, args) -> list:
     """Pruned samples of ``--volumes`` distinct phantom volumes (prompts cycle)."""
 
@@ -114,12 +130,13 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
     """{concurrency: {engine: row}} for one model, plus what the inputs were."""
 
     ckpt = resolve_checkpoint(name, cache_dir=args.cache_dir)
-    vlm = load_vlm(ckpt, dtype=args.dtype)
+    causal = _causal_only(ckpt)
+    vlm = load_vlm(ckpt, dtype=args.dtype, causal_image_attention=causal)
     samples = _samples(vlm, args)
     kept = sum(s.stats.tokens_kept for s in samples)
     total = sum(s.stats.tokens_total for s in samples)
-    info = {"r_rate": kept / total, "samples": samples, "prompt_tokens": statistics.mean(
-        s.input_ids.shape[0] for s in samples)}
+    info = {"r_rate": kept / total, "samples": samples, "causal": causal,
+            "prompt_tokens": statistics.mean(s.input_ids.shape[0] for s in samples)}
     results: dict[int, dict[str, dict]] = {c: {} for c in args.concurrency}
     loop = asyncio.new_event_loop()
     try:
@@ -130,7 +147,8 @@ def bench_model(name: str, args) -> tuple[dict, dict]:
                 _closed_loop(hf.submit, samples, args.requests, c))
             results[c]["hf"] = _row(wall, lat, args.requests, args.new_tokens)
             print(f"[{name} hf c={c} done]", flush=True)
-        engine = AsyncVLLMEngine(ckpt, dtype=args.dtype, max_images=args.slices,
+        engine = AsyncVLLMEngine(ckpt, dtype=args.dtype, causal_image_attention=causal,
+                                 max_images=args.slices,
                                  max_num_seqs=max(args.concurrency),
                                  max_model_len=4096, kv_cache_gib=2.0,
                                  enforce_eager=not args.compile,
@@ -209,7 +227,8 @@ def handoff(samples_by_model: dict[str, list], repeats: int = 5) -> list[tuple[s
 
 
 def _table(all_results: dict, infos: dict, args) -> str:
-    head = f"{'model':<21} {'conc':>4} {'engine':<7} {'req/s':>8} {'out tok/s':>10} {'p50 s':>8} {'p95 s':>8}"
+    head = (f"{'model':<21} {'conc':>4} {'engine':<7} {'req/s':>8} {'out tok/s':>10} "
+            f"{'p50 s':>8} {'p95 s':>8}")
     lines = [f"engine benchmark: {args.requests} requests x {args.new_tokens} new tokens, "
              f"{args.method}-pruned inputs from {args.volumes} volumes x {args.slices} slices, "
              f"hf batch size {args.hf_batch_size}, vllm {'compiled' if args.compile else 'eager'} "
@@ -218,13 +237,14 @@ def _table(all_results: dict, infos: dict, args) -> str:
              "-" * len(head)]
     for name, results in all_results.items():
         info = infos[name]
-        lines.append(f"{name}: R-Rate {info['r_rate']:.1%}, mean prompt {info['prompt_tokens']:.0f} "
-                     "tokens")
+        causal = ", causal image attention on both engines" if info["causal"] else ""
+        lines.append(f"{name}: R-Rate {info['r_rate']:.1%}, mean prompt "
+                     f"{info['prompt_tokens']:.0f} tokens{causal}")
         for c, rows in results.items():
             for engine in ("hf", "vllm"):
                 r = rows[engine]
-                lines.append(f"{name:<21} {c:>4} {engine:<7} {r['req_s']:>8.2f} {r['tok_s']:>10.1f} "
-                             f"{r['p50']:>8.3f} {r['p95']:>8.3f}")
+                lines.append(f"{name:<21} {c:>4} {engine:<7} {r['req_s']:>8.2f} "
+                             f"{r['tok_s']:>10.1f} {r['p50']:>8.3f} {r['p95']:>8.3f}")
             h, v = rows["hf"], rows["vllm"]
             lines.append(f"{name:<21} {c:>4} {'vllm/hf':<7} {v['req_s'] / h['req_s']:>7.2f}x "
                          f"{v['tok_s'] / h['tok_s']:>9.2f}x {v['p50'] / h['p50']:>7.2f}x "
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run each model on both engines, print the side-by-side table."""
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["phantom", "tiny:qwen2_5_vl:bench"],
+    parser.add_argument("--models", nargs="+", default=MODELS,
                         help="model specs (a checkpoint folder, phantom, tiny:<family>[:bench])")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

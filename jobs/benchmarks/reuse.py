@@ -39,6 +39,7 @@ from pipeline.config import EvalConfig, parse_config
 from pipeline.graph import stage_specs
 from pipeline.synthetic.phantom_vqa import make_example, question_for
 from pruning.runtime.engines import ENGINES
+from serve.app import build_app
 
 QUESTIONS = (("presence", "closed"), ("count", "closed"))
 
@@ -140,8 +141,6 @@ def bench_serve(root: Path, args: argparse.Namespace, engine: str, url: str) -> 
     """First and second question per volume (reuse on), then the second on a cold server."""
     import httpx
     from ray import serve
-
-    from serve.app import build_app
 
     seeds = range(1000, 1000 + args.serve_volumes)
     timings: dict[str, list[float]] = {"first": [], "second": []}

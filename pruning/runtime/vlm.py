@@ -39,7 +39,11 @@ import torch
 
 from pruning.methods import Capture, Encoded, PruningConfig, SlicePlan, parse_pruning
 from pruning.ops.accounting import PruneStats
-from pruning.runtime.adapters import create_adapter, family_for_config
+from pruning.runtime.adapters import (
+    bidirectional_image_attention,
+    create_adapter,
+    family_for_config,
+)
 from pruning.runtime.adapters.base import Adapter, synchronize
 from pruning.runtime.checkpoints import resolve_checkpoint
 from pruning.runtime.engines import Engine, EngineOutput, engine_class
@@ -350,7 +354,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
              slice_size: tuple[int, int] | None = None, window: str = "soft_tissue",
              rgb_packing: bool = False, vision_batch_size: int = 32,
              cache_dir: str | None = None, engine: str = "hf",
-             engine_options: dict[str, Any] | None = None, serving: bool = False) -> VLM:
+             engine_options: dict[str, Any] | None = None, serving: bool = False,
+             causal_image_attention: bool = False) -> VLM:
     """Load a checkpoint directory (or a cached hub id) as a :class:`VLM`; never downloads.
 
     Args:
@@ -369,19 +374,28 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
         engine_options: keyword arguments of the engine (e.g. vllm's ``max_num_seqs``).
         serving: build the engine a server drives from its event loop (streams, batches
             concurrent requests continuously) where the engine has one.
+        causal_image_attention: accept causal attention inside each image for a family that
+            attends bidirectionally there (Gemma3), on every engine alike; needed by an engine
+            that cannot attend so (vllm on CPU). No effect on other families
+            (``vlm.adapter.causal_image_attention`` records what runs).
 
     Raises:
         FileNotFoundError: the checkpoint is not available locally.
         ValueError: the checkpoint's architecture is not supported (lists the supported ones),
-            or the engine cannot run its family exactly (names what it runs).
+            or the engine cannot run its family (names what it runs), or only with causal
+            image attention and ``causal_image_attention`` is not set (says why).
     """
     ckpt = resolve_checkpoint(model, cache_dir=cache_dir)
     config = json.loads((ckpt / "config.json").read_text())
     family = family_for_config(config)
     engine_cls = engine_class(engine, serving=serving)
     capabilities = engine_cls.capabilities
-    capabilities.check_family(engine_cls.name, family)  # before any weight is loaded
+    # Before any weight is loaded.
+    capabilities.check_family(engine_cls.name, family,
+                              causal_image_attention=causal_image_attention)
     adapter = create_adapter(family)
+    adapter.causal_image_attention = causal_image_attention and bidirectional_image_attention(
+        family)
     dev = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -21,8 +21,11 @@ PROMPTS = ("Describe the liver.", "Which organ contains the lesion?", "Is there 
 NEW_TOKENS = 8  # min = max: random weights would otherwise stop at different lengths
 LOGPROB_TOL = 1e-4  # float32; measured max 5e-7 with the plugin, ~1e-3 without it
 
-# vLLM's CPU attention needs head_dim >= 32; the default tiny models use 16.
+# vLLM's CPU attention needs head_dim >= 32; the default tiny Qwen models use 16 (the tiny
+# Gemma3 and Hulu-Med models have 32 already).
 ENGINE_TINY_OVERRIDES = {
+    "gemma3": {},
+    "hulu_med": {},
     "qwen2_5_vl": {"num_attention_heads": 2, "num_key_value_heads": 1,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                        "mrope_section": [4, 6, 6]}},
@@ -66,8 +69,9 @@ def volumes(count: int = 3, depth: int = 4) -> list[np.ndarray]:
 
 
 def drop_slice_tokens(vlm, sample, slice_index: int):
-    """A copy of ``sample`` whose ``slice_index``-th image keeps no token (its
-    ``<|vision_start|><|vision_end|>`` pair stays), as a method that empties a slice would leave."""
+    """A copy of ``sample`` whose ``slice_index``-th image keeps no token (its text, e.g. Qwen's
+    ``<|vision_start|><|vision_end|>`` pair, stays), as a method that empties a slice would
+    leave."""
     import dataclasses
 
     import torch
@@ -127,7 +131,8 @@ def pruning_cases() -> dict:
 def assert_engine_parity(vlm, complete, pruning, new_tokens: int = NEW_TOKENS, samples=None):
     """``complete(samples) -> [Completion]`` equals the hf engine on the same prepared samples:
     same text as the ``hf`` engine, same token ids, log-probabilities within ``LOGPROB_TOL``
-    (stock vLLM positions miss it by ~1e-3 even on the tiny random models)."""
+    (stock vLLM positions miss it by ~1e-3 even on the tiny random models). Returns the
+    samples and the completions."""
     if samples is None:
         samples = vlm.prepare_batch(volumes(), list(PROMPTS), pruning=pruning).samples
     texts = hf_texts(vlm, samples, new_tokens)
@@ -138,4 +143,31 @@ def assert_engine_parity(vlm, complete, pruning, new_tokens: int = NEW_TOKENS, s
     delta = max(abs(a - b) for c, ref in zip(got, logprobs, strict=True)
                 for a, b in zip(c.logprobs, ref, strict=True))
     assert delta < LOGPROB_TOL, f"{pruning.method}: max |delta logprob| {delta:.2e}"
-    return samples
+    return samples, got
+
+
+def vllm_image_ranges(engine, sample) -> list[tuple[int, int]]:
+    """The inclusive token ranges vLLM's model runner would give a bidirectional ("mm_prefix")
+    attention backend for ``sample``'s request: what ``GPUModelRunner._prepare_inputs`` reads
+    (each image item's ``extract_embeds_range()`` of the request vLLM's input processor
+    built), skipping a range longer than the sliding window, as the runner does."""
+    from vllm import SamplingParams
+
+    request = engine.llm.llm_engine.input_processor.process_inputs(
+        "ranges", engine.requests([sample])[0], SamplingParams(max_tokens=1),
+        supported_tasks=("generate",))
+    window = getattr(engine.llm.llm_engine.model_config.hf_text_config, "sliding_window", None)
+    ranges = []
+    for feature in sorted(request.mm_features, key=lambda f: f.mm_position.offset):
+        for start, end in feature.mm_position.extract_embeds_range():
+            if window is None or end - start + 1 <= window:
+                ranges.append((start, end))
+    return ranges
+
+
+def hf_image_blocks(token_type_ids) -> list[tuple[int, int]]:
+    """Inclusive ranges of the blocks the ``hf`` engine marks for bidirectional attention (runs
+    of 1 in one sample's ``token_type_ids``)."""
+    from pruning.runtime.engines.vllm_requests import image_runs
+
+    return [(start, end - 1) for start, end in image_runs(token_type_ids.bool())]

@@ -34,6 +34,9 @@ _ARCHITECTURES: dict[str, str] = {
     "VideoLlama3ForConditionalGeneration": "hulu_med",
     "video_llama_3": "hulu_med",
 }
+# Families whose language model attends bidirectionally within each image (Gemma3: HF's
+# ``token_type_ids``); every other family's image tokens attend causally, as its text does.
+_BIDIRECTIONAL_IMAGES = frozenset({"gemma3"})
 # Layouts that hold a supported network but must be converted first -> what to run.
 _CONVERT_FIRST: dict[str, str] = {
     "hulumed_qwen2": "medpruner convert hulu-med SRC DST",
@@ -44,6 +47,12 @@ _CONVERT_FIRST: dict[str, str] = {
 def list_adapters() -> list[str]:
     """Names of the registered families, sorted."""
     return sorted(_ADAPTERS)
+
+
+def bidirectional_image_attention(family: str) -> bool:
+    """True when ``family``'s language model attends bidirectionally within each image (an
+    engine must then mark each image's token range; causal attention there is an opt-in)."""
+    return family in _BIDIRECTIONAL_IMAGES
 
 
 def create_adapter(name: str):
@@ -85,4 +94,5 @@ def adapter_for_config(hf_config: Mapping[str, Any] | Any):
     return create_adapter(family_for_config(hf_config))
 
 
-__all__ = ["adapter_for_config", "create_adapter", "family_for_config", "list_adapters"]
+__all__ = ["adapter_for_config", "bidirectional_image_attention", "create_adapter",
+           "family_for_config", "list_adapters"]

@@ -49,6 +49,9 @@ class Adapter(ABC):
 
     family: str = ""
     model_class: str = ""  # name of the transformers class to load
+    # True: image tokens attend causally although the model attends bidirectionally within
+    # each image (the user's opt-in, set by ``load_vlm``; only such families read it).
+    causal_image_attention: bool = False
 
     # ------------------------------------------------------------------ loading
     def load_model(self, ckpt: Path, *, device: torch.device, dtype: torch.dtype,

@@ -8,7 +8,9 @@ the public code's 1 x k^2 horizontal strips instead).
 Positions: the unpruned sequence's 1D positions, gathered at the kept columns (so text after
 the images keeps the position it has without pruning); the ``reference`` profile renumbers the
 pruned sequence contiguously, as the public code does. ``token_type_ids`` are gathered with
-the kept columns, which keeps each slice's bidirectional image block.
+the kept columns, which keeps each slice's bidirectional image block; with the
+``causal_image_attention`` opt-in (for engines that cannot attend bidirectionally inside an
+image) there are none and every token attends causally.
 """
 
 from __future__ import annotations
@@ -97,4 +99,8 @@ class Gemma3Adapter(SequentialPositions, Adapter):
         return BaseModelOutputWithPooling(pooler_output=features[None])  # (1, T, D)
 
     def extra_inputs(self, image_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``token_type_ids`` (bidirectional attention inside each image block), none with
+        the causal image attention opt-in (transformers then builds a plain causal mask)."""
+        if self.causal_image_attention:
+            return {}
         return {"token_type_ids": image_mask.long()}

@@ -9,7 +9,8 @@
 :func:`engine_class` is the one place an engine name becomes a class; what an engine can do is
 its :class:`~pruning.runtime.engines.base.EngineCapabilities` (``capabilities``), read by the
 callers instead of its name. Engine modules are imported on first use and import vLLM only
-when an engine is built: importing it is slow, and it is optional.
+when an engine is built (the vLLM engines' capabilities ask its platform module on import):
+importing it is slow, and it is optional.
 """
 
 from __future__ import annotations

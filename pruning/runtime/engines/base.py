@@ -12,11 +12,18 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
 from pruning.runtime.sequence import ModelParts, Sample
+
+# How exactly an engine runs a family (``EngineCapabilities.families`` values).
+EXACT = "exact"  # as the model runs it (and as the ``hf`` engine does by default)
+# only with causal attention inside each image, where the model attends bidirectionally: an
+# explicit opt-in (``causal_image_attention``), with which the ``hf`` engine runs causal too
+CAUSAL_IMAGE_ATTENTION = "causal_image_attention"
+SupportLevel = Literal["exact", "causal_image_attention"]
 
 
 @dataclass(frozen=True)
@@ -32,27 +39,49 @@ class EngineCapabilities:
             half (tower, capture, selection) runs as one batch before the engine generates.
         owns_language_model: the engine loads and runs the language model itself; our side
             keeps only the vision modules (the language model's weights are dropped).
-        families: the model families it runs exactly (None: every registered family).
+        families: per family it runs, how (:data:`EXACT` or :data:`CAUSAL_IMAGE_ATTENTION`);
+            None: every registered family exactly.
+        causal_reason: why a family runs here only with causal image attention (the message
+            of :meth:`check_family`).
     """
 
     streams: bool
     continuous_batching: bool
     gathers_vision: bool
     owns_language_model: bool
-    families: tuple[str, ...] | None = None
+    families: dict[str, SupportLevel] | None = None
+    causal_reason: str = ""
 
-    def check_family(self, engine: str, family: str) -> None:
-        """Raise ValueError unless ``family`` runs exactly on this engine (names what does).
+    def check_family(self, engine: str, family: str, *,
+                     causal_image_attention: bool = False) -> None:
+        """Raise unless this engine runs ``family`` exactly, or causally inside each image
+        with ``causal_image_attention`` (the user's explicit opt-in).
 
         Args:
             engine: the engine's name, for the message.
             family: an adapter family (``pruning.list_adapters()``).
+            causal_image_attention: the user accepts causal attention inside each image.
+
+        Raises:
+            ValueError: the engine does not run ``family`` (names what it runs), or runs it
+                only with causal image attention and the opt-in is missing (says why and how
+                to opt in).
         """
-        if self.families is None or family in self.families:
+        if self.families is None:
             return
-        raise ValueError(
-            f"engine {engine!r} cannot run {family!r} exactly; engine {engine!r} runs "
-            f"{list(self.families)}; engine 'hf' runs every family")
+        level = self.families.get(family)
+        if level is None:
+            raise ValueError(
+                f"engine {engine!r} cannot run {family!r} exactly; engine {engine!r} runs "
+                f"{sorted(self.families)}; engine 'hf' runs every family")
+        if level == CAUSAL_IMAGE_ATTENTION and not causal_image_attention:
+            raise ValueError(
+                f"engine {engine!r} runs {family!r} here only with causal attention inside "
+                f"each image: {self.causal_reason}, while {family!r} attends bidirectionally "
+                "within each image, so answers would differ from the model's. Accept causal "
+                "image attention explicitly (job: model.causal_image_attention=true; Serve: "
+                "causal_image_attention=true; the hf engine then runs causal too and every "
+                "answer records it), or use engine 'hf'")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from pruning.runtime.engines.base import EngineCapabilities, EngineOutput, check_budget
-from pruning.runtime.engines.vllm_offline import VLLMSetup, sampling_params
+from pruning.runtime.engines.vllm_offline import VLLMSetup, sampling_params, vllm_capabilities
 from pruning.runtime.engines.vllm_requests import (
-    FAMILIES,
     Completion,
     build_request,
     decode,
@@ -78,14 +77,16 @@ class AsyncVLLMEngine(VLLMSetup):
             ids, metrics = list(out.outputs[0].token_ids), out.metrics
         return decode(self.tokenizer, ids), metrics
 
-    async def complete(self, sample: Sample, max_new_tokens: int, min_new_tokens: int = 0) -> Completion:
+    async def complete(self, sample: Sample, max_new_tokens: int,
+                       min_new_tokens: int = 0) -> Completion:
         """The greedy answer with its token ids and log-probabilities."""
         outputs = [o async for o in self._outputs(sample, max_new_tokens, min_new_tokens,
                                                   logprobs=True)]
         out = outputs[-1].outputs[0]  # cumulative: the last one holds the whole answer
         ids = list(out.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(ids, out.logprobs, strict=True)]
-        return Completion(decode(self.tokenizer, ids), ids, logprobs)
+        return Completion(decode(self.tokenizer, ids), ids, logprobs,
+                          outputs[-1].num_cached_tokens or 0)
 
     async def stream(self, sample: Sample, max_new_tokens: int, min_new_tokens: int = 0
                      ) -> AsyncIterator[str]:
@@ -136,9 +137,7 @@ class LoopBridge:
     """
 
     name: ClassVar[str] = "vllm"
-    capabilities: ClassVar[EngineCapabilities] = EngineCapabilities(
-        streams=True, continuous_batching=True, gathers_vision=True, owns_language_model=True,
-        families=FAMILIES)
+    capabilities: ClassVar[EngineCapabilities] = vllm_capabilities(streams=True)
 
     def __init__(self, engine: AsyncVLLMEngine) -> None:
         self.engine = engine
@@ -148,8 +147,8 @@ class LoopBridge:
     def create(cls, parts: ModelParts, checkpoint: Path, *, dtype: torch.dtype,
                options: dict[str, Any] | None = None) -> LoopBridge:
         """A bridge over a new :class:`AsyncVLLMEngine` on ``checkpoint`` (``options``: its
-        keyword arguments); ``parts`` (our vision half) is not needed."""
-        return cls(AsyncVLLMEngine(checkpoint, dtype=dtype, **(options or {})))
+        keyword arguments; see :meth:`VLLMSetup.create`)."""
+        return cls(AsyncVLLMEngine.create(parts, checkpoint, dtype=dtype, options=options))
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Use ``loop`` (the server's running loop) for every request from now on."""

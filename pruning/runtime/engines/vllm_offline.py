@@ -4,11 +4,13 @@ The request layout (what a pruned sample becomes) is :mod:`pruning.runtime.engin
 vllm_requests`; the async engine a server drives is :mod:`pruning.runtime.engines.vllm_async`.
 vLLM spawns its engine core in a child process (forked outside Ray actors, spawned inside them);
 see :mod:`pruning.runtime.engines.cpu_compat` for what makes that importable on CPU hosts.
-Nothing here imports vLLM until an engine is built.
+Importing this module asks vLLM's platform module which host it runs on (the engines'
+capabilities depend on its attention); the rest of vLLM is imported when an engine is built.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -17,12 +19,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from pruning.runtime.adapters import bidirectional_image_attention
 from pruning.runtime.checkpoints import resolve_checkpoint
-from pruning.runtime.engines.base import EngineCapabilities, EngineOutput, check_budget
+from pruning.runtime.engines.base import (
+    CAUSAL_IMAGE_ATTENTION,
+    EXACT,
+    EngineCapabilities,
+    EngineOutput,
+    SupportLevel,
+    check_budget,
+)
 from pruning.runtime.engines.cpu_compat import ensure_torchvision_importable
 from pruning.runtime.engines.vllm_plugin import register
 from pruning.runtime.engines.vllm_requests import (
-    ARCHITECTURES,
     FAMILIES,
     Completion,
     ModelLayout,
@@ -38,12 +47,61 @@ def _vllm_dtype(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def reads_image_ranges() -> bool:
+    """True when vLLM's attention on this host attends bidirectionally within an image from
+    its "mm_prefix" ranges: off the CPU, vLLM selects only attention backends that read them
+    (Triton, FlexAttention, FlashAttention 4) for a model that needs them; its CPU backend
+    ignores them. False without vLLM."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    ensure_torchvision_importable()
+    from vllm.platforms import current_platform  # resolves the host's platform (~1 s)
+
+    return not current_platform.is_cpu()
+
+
+def family_support(image_ranges: bool) -> dict[str, SupportLevel]:
+    """How the vLLM engines run each family.
+
+    Args:
+        image_ranges: vLLM's attention here reads its image ranges (:func:`reads_image_ranges`).
+
+    Returns:
+        Per family of :data:`FAMILIES`, ``exact``; except that a family attending
+        bidirectionally within images (Gemma3) runs only with ``causal_image_attention``
+        without ``image_ranges``.
+    """
+    return {family: EXACT if image_ranges or not bidirectional_image_attention(family)
+            else CAUSAL_IMAGE_ATTENTION for family in FAMILIES}
+
+
+CAUSAL_REASON = ("vLLM's CPU attention ignores the bidirectional image ranges (only its CUDA "
+                 "attention backends read them)")
+
+
+def vllm_capabilities(*, streams: bool) -> EngineCapabilities:
+    """The capabilities of a vLLM engine on this host.
+
+    Args:
+        streams: the engine streams answers (the one a Serve replica drives).
+
+    Returns:
+        Continuous batching, gathered vision, its own language model, and the families per
+        :func:`family_support` on this host's platform.
+    """
+    return EngineCapabilities(
+        streams=streams, continuous_batching=True, gathers_vision=True,
+        owns_language_model=True, families=family_support(reads_image_ranges()),
+        causal_reason=CAUSAL_REASON)
+
+
 def _engine_kwargs(checkpoint: Path, layout: ModelLayout, *, dtype: torch.dtype | str,
-                   max_model_len: int | None, max_num_seqs: int, enforce_eager: bool,
-                   kv_cache_gib: float, seed: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+                   causal_image_attention: bool, max_model_len: int | None, max_num_seqs: int,
+                   enforce_eager: bool, kv_cache_gib: float, seed: int,
+                   extra: dict[str, Any] | None) -> dict[str, Any]:
     kwargs = dict(
         model=str(checkpoint), tokenizer=str(checkpoint), dtype=_vllm_dtype(dtype), seed=seed,
-        hf_overrides={"architectures": [ARCHITECTURES[layout.family]]},
+        hf_overrides=layout.hf_overrides(causal_image_attention),
         # Embedding-only mode: a limit of 0 with enable_mm_embeds skips loading and profiling
         # the vision tower (ours runs it); the image count is checked in build_request.
         enable_mm_embeds=True, limit_mm_per_prompt={"image": 0},
@@ -70,29 +128,39 @@ class VLLMSetup:
     before :meth:`_start` builds the engine itself; the arguments are :class:`VLLMEngine`'s."""
 
     name: ClassVar[str] = "vllm"
+    capabilities: ClassVar[EngineCapabilities] = vllm_capabilities(streams=False)
 
     def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                 max_images: int = 128, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, enforce_eager: bool = True, kv_cache_gib: float = 2.0,
-                 seed: int = 0, engine_args: dict[str, Any] | None = None):
+                 causal_image_attention: bool = False, max_images: int = 128,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 enforce_eager: bool = True, kv_cache_gib: float = 2.0, seed: int = 0,
+                 engine_args: dict[str, Any] | None = None):
         from transformers import AutoTokenizer
 
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.layout = model_layout(self.checkpoint)
+        self.capabilities.check_family(self.name, self.layout.family,
+                                       causal_image_attention=causal_image_attention)
+        # Recorded as it runs: only a model attending bidirectionally within images changes.
+        self.causal_image_attention = causal_image_attention and self.layout.bidirectional_images
         self.max_images = max_images
         _prepare_process()
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
-        self._start(_engine_kwargs(self.checkpoint, self.layout, dtype=dtype,
-                                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                   enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
-                                   seed=seed, extra=engine_args))
+        self._start(_engine_kwargs(
+            self.checkpoint, self.layout, dtype=dtype,
+            causal_image_attention=self.causal_image_attention, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+            seed=seed, extra=engine_args))
 
     @classmethod
     def create(cls, parts: ModelParts, checkpoint: Path, *, dtype: torch.dtype,
                options: dict[str, Any] | None = None) -> VLLMSetup:
         """The engine on ``checkpoint``'s language model (``options``: this class's keyword
-        arguments, e.g. ``max_num_seqs``); ``parts`` (our vision half) is not needed."""
-        return cls(checkpoint, dtype=dtype, **(options or {}))
+        arguments, e.g. ``max_num_seqs``); of ``parts`` (our vision half) only the adapter's
+        causal image attention choice is read, so both halves agree on it."""
+        return cls(checkpoint, dtype=dtype,
+                   causal_image_attention=parts.adapter.causal_image_attention,
+                   **(options or {}))
 
     def _start(self, kwargs: dict[str, Any]) -> None:
         """Build the engine from its keyword arguments."""
@@ -108,8 +176,11 @@ class VLLMEngine(VLLMSetup):
     seam of :class:`pruning.runtime.engines.hf.HFEngine`).
 
     Args:
-        checkpoint: local checkpoint directory (Qwen2.5-VL or Qwen3-VL family).
+        checkpoint: local checkpoint directory (a family of :data:`FAMILIES`).
         dtype: weights and activations (the ``hf`` engine's: float32 on CPU, bfloat16 on CUDA).
+        causal_image_attention: accept causal attention inside each image for a model that
+            attends bidirectionally there (Gemma3), required where vLLM's attention ignores
+            its image ranges (CPU); the engine then runs causal on every backend.
         max_images: most slices with kept tokens one prompt may carry (checked here; vLLM
             runs in embedding-only mode and never loads the vision tower).
         max_model_len: longest prompt + answer (default: the model's, capped at 32768).
@@ -119,12 +190,9 @@ class VLLMEngine(VLLMSetup):
         engine_args: any further ``vllm.LLM`` keyword arguments (override the above).
 
     Raises:
-        ValueError: unsupported family (names the supported combinations).
+        ValueError: unsupported family (names the supported combinations), or Gemma3 on a
+            host whose vLLM attention ignores image ranges without ``causal_image_attention``.
     """
-
-    capabilities: ClassVar[EngineCapabilities] = EngineCapabilities(
-        streams=False, continuous_batching=True, gathers_vision=True, owns_language_model=True,
-        families=FAMILIES)
 
     def _start(self, kwargs: dict[str, Any]) -> None:
         from vllm import LLM  # optional and slow to import: only when an engine is built
@@ -154,7 +222,8 @@ class VLLMEngine(VLLMSetup):
             ids = list(out.outputs[0].token_ids)
             logprobs = [step[tok].logprob for tok, step in zip(ids, out.outputs[0].logprobs,
                                                                 strict=True)]
-            completions.append(Completion(decode(self.tokenizer, ids), ids, logprobs))
+            completions.append(Completion(decode(self.tokenizer, ids), ids, logprobs,
+                                          out.num_cached_tokens or 0))
         return completions
 
     def shutdown(self) -> None:

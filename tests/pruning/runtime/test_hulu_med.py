@@ -126,11 +126,3 @@ def test_kept_tokens_keep_their_original_positions(vlm, profile):
         assert torch.equal(positions, torch.nonzero(keep).flatten())
     else:  # the public code numbers the pruned sequence 0..L'-1
         assert torch.equal(positions, torch.arange(int(keep.sum())))
-
-
-def test_vllm_engine_still_refuses_hulu_med(tiny_checkpoints):
-    pytest.importorskip("vllm")
-    from pruning.runtime.vlm import load_vlm
-
-    with pytest.raises(ValueError, match="engine 'vllm' cannot run 'hulu_med'"):
-        load_vlm(tiny_checkpoints["hulu_med"], engine="vllm")

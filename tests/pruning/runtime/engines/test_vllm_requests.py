@@ -16,9 +16,10 @@ from tests.helpers.engines import (
 )
 
 PRUNE = PruningConfig(method="medpruner", tau=0.5, temperature=0.05)
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "hulu_med"]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def vlm(request, tmp_path_factory):
     from pruning.runtime.vlm import load_vlm
 
@@ -32,10 +33,16 @@ def layout(vlm):
     return model_layout(vlm.model.name_or_path)
 
 
+def _sizes(image, layout) -> list[int]:
+    """Tokens per image of a request (Qwen: from its grids; 1-D families: its counts)."""
+    if layout.merge_size is None:
+        return image["image_num_tokens"].tolist()
+    return (image["image_grid_thw"].prod(-1) // layout.merge_size**2).tolist()
+
+
 def _expand(request, layout) -> list[int]:
     """The prompt vLLM will run: each image's single placeholder expanded to its tokens."""
-    grid = request["multi_modal_data"]["image"]["image_grid_thw"]
-    sizes = iter((grid.prod(-1) // layout.merge_size**2).tolist())
+    sizes = iter(_sizes(request["multi_modal_data"]["image"], layout))
     out = []
     for tok in request["prompt_token_ids"]:
         out += [tok] * (next(sizes) if tok == layout.image_token_id else 1)
@@ -47,7 +54,7 @@ def test_request_reproduces_ids_embeds_and_positions(vlm, layout):
         KEPT_POSITIONS_KEY,
         build_request,
         image_runs,
-        kept_mrope_positions,
+        kept_positions,
     )
 
     for sample in vlm.prepare_batch(volumes(), list(PROMPTS), pruning=PRUNE).samples:
@@ -57,17 +64,20 @@ def test_request_reproduces_ids_embeds_and_positions(vlm, layout):
         assert torch.equal(image["image_embeds"],
                            torch.cat([sample.features, *sample.deepstack], dim=-1))
         assert image["image_embeds"].shape[1] == layout.embed_width
-        assert image["image_grid_thw"].shape[0] == len(sample.kept_slices)
-        fields = image[KEPT_POSITIONS_KEY]
         runs = image_runs(sample.image_mask)
-        assert [e - s for s, e in runs] == [len(t) for t in sample.kept_tokens]
-        rebuilt, delta = kept_mrope_positions(
+        assert _sizes(image, layout) == [e - s for s, e in runs] == [
+            len(t) for t in sample.kept_tokens]
+        fields = image[KEPT_POSITIONS_KEY]
+        assert {f.shape[0] for f in fields} == {layout.position_rows}
+        rebuilt, delta = kept_positions(
             len(sample.input_ids), [(s, e - s, f) for (s, e), f in zip(runs, fields, strict=True)])
         assert torch.equal(rebuilt, sample.positions)
         # Decoding continues after the last prompt position, as transformers' generate does.
         assert delta == int(sample.positions[:, -1].max()) + 1 - len(sample.input_ids)
         # Only the last field reaches past its image, and only up to the last slice's end.
         assert sum(f.shape[1] for f in fields) < len(sample.input_ids)
+        if vlm.family in ("gemma3", "hulu_med"):  # pruned: the kept tokens' positions jump
+            assert bool((sample.positions.diff() > 1).any())
 
 
 def test_zero_kept_slice_stays_text_and_moves_its_jump(vlm, layout):
@@ -78,7 +88,7 @@ def test_zero_kept_slice_stays_text_and_moves_its_jump(vlm, layout):
         emptied = drop_slice_tokens(vlm, sample, index)
         request = build_request(emptied, layout)
         image = request["multi_modal_data"]["image"]
-        assert image["image_grid_thw"].shape[0] == len(sample.kept_slices) - 1
+        assert len(_sizes(image, layout)) == len(sample.kept_slices) - 1
         assert _expand(request, layout) == emptied.input_ids.tolist()
         fields = image[KEPT_POSITIONS_KEY]
         joined = torch.cat(fields, dim=1)
@@ -95,7 +105,8 @@ def test_prompt_without_visual_tokens(vlm, layout):
     with pytest.raises(ValueError, match="contiguous positions"):
         build_request(sample, layout)
     length = sample.input_ids.shape[0]
-    flat = dataclasses.replace(sample, positions=torch.arange(length).expand(3, length))
+    flat = dataclasses.replace(sample, positions=torch.arange(length).expand(
+        layout.position_rows, length))
     assert build_request(flat, layout) == {"prompt_token_ids": sample.input_ids.tolist()}
 
 
@@ -109,28 +120,79 @@ def test_shapes_are_checked(vlm, layout):
         build_request(dataclasses.replace(sample, deepstack=sample.deepstack + [sample.features]),
                       layout)
     with pytest.raises(ValueError, match="positions"):
-        build_request(dataclasses.replace(sample, positions=sample.positions[:1]), layout)
+        build_request(dataclasses.replace(sample, positions=sample.positions[:, 1:]), layout)
+    three = sample.positions[:1].expand(3, -1)  # Qwen's rows for a 1-D family, and vice versa
+    with pytest.raises(ValueError, match="positions"):
+        build_request(dataclasses.replace(
+            sample, positions=three if layout.position_rows == 1 else sample.positions[:1]),
+            layout)
     with pytest.raises(ValueError, match="max_images=1"):
         build_request(sample, layout, max_images=1)
 
 
-def test_gemma3_is_refused_with_the_supported_combinations(tmp_path):
-    from pruning.runtime.engines import engine_class
-    from pruning.runtime.engines.vllm_requests import model_layout
-    from pruning.runtime.vlm import load_vlm
-    from pruning.testing import make_tiny_vlm
+def test_engine_overrides_per_family(vlm, layout):
+    """Qwen: the plugin class only; 1-D families also declare M-RoPE (so vLLM asks the model
+    for positions); Gemma3 also says whether vLLM attends bidirectionally within images."""
+    from pruning.runtime.engines.vllm_requests import ARCHITECTURES
 
-    checkpoint = make_tiny_vlm("gemma3", tmp_path / "gemma3")
+    arch = {"architectures": [ARCHITECTURES[vlm.family]]}
+    one_d = {"mrope_section": [1, 1, 1]} if layout.position_rows == 1 else {}
+    image = {"gemma3": {"is_mm_prefix_lm": True}}.get(vlm.family, {})
+    assert layout.hf_overrides() == {**arch, **one_d, **image}
+    causal = {"gemma3": {"is_mm_prefix_lm": False}}.get(vlm.family, {})
+    assert layout.hf_overrides(causal_image_attention=True) == {**arch, **one_d, **causal}
+    assert layout.position_rows == {"qwen2_5_vl": 3, "qwen3_vl": 3}.get(vlm.family, 1)
+    assert layout.image_token_id == vlm.adapter.image_token_id(vlm.model)
+
+
+def test_bidirectional_families_are_the_ones_with_image_blocks(vlm):
+    """The registry's family table says what the adapters do: Gemma3 alone marks image blocks
+    (token_type_ids) for bidirectional attention, and drops them with the opt-in."""
+    from pruning.runtime.adapters import bidirectional_image_attention, create_adapter
+
+    mask = torch.tensor([[False, True, True, False]])
+    adapter = create_adapter(vlm.family)
+    assert bool(adapter.extra_inputs(mask)) == bidirectional_image_attention(vlm.family)
+    adapter.causal_image_attention = True
+    assert adapter.extra_inputs(mask) == {}
+
+
+def test_gemma3_on_cpu_vllm_needs_the_causal_opt_in(tmp_path):
+    from pruning.runtime.engines import engine_class
+    from pruning.runtime.sequence import build_batch
+    from pruning.runtime.vlm import load_vlm
+
+    checkpoint = make_engine_tiny("gemma3", tmp_path / "gemma3")
+    why = (r"engine 'vllm' runs 'gemma3' here only with causal attention inside each image: "
+           r"vLLM's CPU attention ignores the bidirectional image ranges.*'gemma3' attends "
+           r"bidirectionally within each image.*model.causal_image_attention=true.*Serve: "
+           r"causal_image_attention=true")
     for serving in (False, True):  # both vLLM engines declare the same families
         capabilities = engine_class("vllm", serving=serving).capabilities
-        assert capabilities.families == ("qwen2_5_vl", "qwen3_vl")
-        with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl.*engine 'hf'"):
+        assert capabilities.families == {"qwen2_5_vl": "exact", "qwen3_vl": "exact",
+                                         "gemma3": "causal_image_attention", "hulu_med": "exact"}
+        with pytest.raises(ValueError, match=why):
             capabilities.check_family("vllm", "gemma3")
-    with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl.*engine 'hf'"):
+        capabilities.check_family("vllm", "gemma3", causal_image_attention=True)
+    with pytest.raises(ValueError, match=why):
         load_vlm(checkpoint, engine="vllm")  # refused before any weight is loaded
-    with pytest.raises(ValueError, match=r"gemma3.*qwen2_5_vl.*qwen3_vl"):
-        model_layout(checkpoint)
     assert engine_class("hf").capabilities.families is None  # hf runs every family
+    # With the opt-in the hf engine runs Gemma3 causally too: no image blocks are marked.
+    vlm = load_vlm(checkpoint, causal_image_attention=True)
+    assert vlm.adapter.causal_image_attention
+    sample = vlm.prepare_batch(volumes(1), PROMPTS[:1]).samples[0]
+    assert "token_type_ids" not in build_batch(vlm, [sample])
+    assert "token_type_ids" in build_batch(load_vlm(checkpoint), [sample])
+
+
+def test_unknown_family_is_named():
+    from pruning.runtime.engines.base import EngineCapabilities
+
+    capabilities = EngineCapabilities(streams=False, continuous_batching=False,
+                                      gathers_vision=False, owns_language_model=True,
+                                      families={"qwen3_vl": "exact"})
+    with pytest.raises(ValueError, match=r"cannot run 'gemma3'.*\['qwen3_vl'\].*engine 'hf'"):
+        capabilities.check_family("x", "gemma3")
 
 
 def test_sampling_bounds_are_checked():
