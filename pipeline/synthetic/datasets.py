@@ -68,7 +68,9 @@ def report(ph: Phantom) -> tuple[str, str]:
     kind = "hypodense" if all(les.contrast_hu < 0 for les in ph.lesions) else "focal"
     count = NUMBER_WORDS[ph.lesion_count]
     noun = "lesion" if ph.lesion_count == 1 else "lesions"
-    findings = f"The {seen} are shown. There {'is' if ph.lesion_count == 1 else 'are'} {count} {kind} {noun} in the {ph.lesion_organ} ({sizes})."
+    verb = "is" if ph.lesion_count == 1 else "are"
+    findings = (f"The {seen} are shown. There {verb} {count} {kind} {noun} in the "
+                f"{ph.lesion_organ} ({sizes}).")
     return findings, f"{count.capitalize()} {ph.lesion_organ} {noun}."
 
 
@@ -113,16 +115,22 @@ def _put(uri: str, data: bytes | str, storage: StorageOptions | None) -> None:
     st.write_bytes(uri, data.encode("utf-8") if isinstance(data, str) else data, storage)
 
 
+def _put_nifti(root: str, rel: str, ph: Phantom, storage: StorageOptions | None) -> None:
+    """Write the phantom's volume as NIfTI at ``rel`` below ``root``."""
+    _put(st.join_uri(root, rel), nifti_bytes(ph.volume, ph.spacing), storage)
+
+
 def _jsonl(out: str, phantoms: list[Phantom], depth: int, size: int,
            storage: StorageOptions | None) -> str:
     lines = []
     for i, ph in enumerate(phantoms):
         rel = f"volumes/phantom_{i:04d}.nii.gz"
-        _put(st.join_uri(out, rel), nifti_bytes(ph.volume, ph.spacing), storage)
+        _put_nifti(out, rel, ph, storage)
         common = {"dataset": "phantom", "volume_uri": rel, "volume_format": "nifti",
                   "extra": _truth(ph, depth, size)}
         for item in closed_items(ph):
-            lines.append(common | item | {"id": f"phantom_{i:04d}-{item['category']}", "task": "closed"})
+            lines.append(common | item | {"id": f"phantom_{i:04d}-{item['category']}",
+                                          "task": "closed"})
         lines.append(common | {"id": f"phantom_{i:04d}-open", "task": "open", "question": OPEN_Q,
                                "answer": open_answer(ph), "category": "lesion"})
         findings, impression = report(ph)
@@ -154,14 +162,16 @@ def _hulu(out: str, phantoms: list[Phantom], depth: int, size: int,
         base = {"video": [folder]} | {"truth": _truth(ph, depth, size)}
         for item in closed_items(ph):
             gold = f"{item['answer']}. {item['choices'][item['answer']]}"
+            asked = _with_options(item["question"], item["choices"])
             items.append(base | {
                 "id": f"phantom_{i:04d}-{item['category']}", "Question_Type": "CLOSED",
                 "type": item["category"], "conversations": [
-                    {"from": "human", "value": "<video>\n" + _with_options(item["question"], item["choices"])},
+                    {"from": "human", "value": "<video>\n" + asked},
                     {"from": "gpt", "value": gold}]})
-        items.append(base | {"id": f"phantom_{i:04d}-open", "Question_Type": "OPEN", "type": "lesion",
-                             "conversations": [{"from": "human", "value": "<video>\n" + OPEN_Q},
-                                               {"from": "gpt", "value": open_answer(ph)}]})
+        items.append(base | {"id": f"phantom_{i:04d}-open", "Question_Type": "OPEN",
+                             "type": "lesion", "conversations": [
+                                 {"from": "human", "value": "<video>\n" + OPEN_Q},
+                                 {"from": "gpt", "value": open_answer(ph)}]})
         findings, impression = report(ph)
         items.append(base | {"id": f"phantom_{i:04d}-report", "type": "report", "conversations": [
             {"from": "human", "value": "<video>\nGenerate a report."},
@@ -213,8 +223,9 @@ def _rad(out: str, phantoms: list[Phantom], depth: int, size: int,
                                                "Task3_computation/count.csv": []}
     for i, ph in enumerate(phantoms):
         name = f"phantom_{i:04d}.nii.gz"
-        _put(st.join_uri(root, name), nifti_bytes(ph.volume, ph.spacing), storage)
-        blank = {"Choice A": "-", "Choice B": "-", "Choice C": "-", "Choice D": "-", "AnswerChoice": "-"}
+        _put_nifti(root, name, ph, storage)
+        blank = {"Choice A": "-", "Choice B": "-", "Choice C": "-", "Choice D": "-",
+                 "AnswerChoice": "-"}
         present = "A" if ph.lesion_count else "B"
         tables["Task4_existence/existence.csv"].append({
             "Task": "Task4", "Subtask": "lesion", "VolumeName": name, "Question": PRESENCE[0],
@@ -231,21 +242,25 @@ def _rad(out: str, phantoms: list[Phantom], depth: int, size: int,
     return root
 
 
+def _amos_record(rel: str, ph: Phantom, depth: int, size: int) -> dict[str, Any]:
+    """One AMOS-MM ``validation`` record: the report split by region, and the closed VQA."""
+    findings, impression = report(ph)
+    qa = [{"question": it["question"], "options": it["choices"], "answer": it["answer"],
+           "type": it["category"]} for it in closed_items(ph)]
+    return {
+        "image": rel, "meta": {"spacing": list(ph.spacing)[::-1]},
+        "labels": {"report": {"findings": {"chest": "", "abdomen": findings, "pelvis": ""},
+                              "impression": impression}, "qa": qa},
+        "truth": _truth(ph, depth, size),
+    }
+
+
 def _amos(out: str, phantoms: list[Phantom], depth: int, size: int,
           storage: StorageOptions | None) -> str:
-    records = []
-    for i, ph in enumerate(phantoms):
-        rel = f"imagesVa/phantom_{i:04d}.nii.gz"
-        _put(st.join_uri(out, rel), nifti_bytes(ph.volume, ph.spacing), storage)
-        findings, impression = report(ph)
-        qa = [{"question": it["question"], "options": it["choices"], "answer": it["answer"],
-               "type": it["category"]} for it in closed_items(ph)]
-        records.append({
-            "image": rel, "meta": {"spacing": list(ph.spacing)[::-1]},
-            "labels": {"report": {"findings": {"chest": "", "abdomen": findings, "pelvis": ""},
-                                  "impression": impression}, "qa": qa},
-            "truth": _truth(ph, depth, size),
-        })
+    rels = [f"imagesVa/phantom_{i:04d}.nii.gz" for i in range(len(phantoms))]
+    for rel, ph in zip(rels, phantoms, strict=True):
+        _put_nifti(out, rel, ph, storage)
+    records = [_amos_record(rel, ph, depth, size) for rel, ph in zip(rels, phantoms, strict=True)]
     uri = st.join_uri(out, "dataset.json")
     _put(uri, json.dumps({"training": [], "validation": records}, indent=1), storage)
     return uri

@@ -49,6 +49,8 @@ def vllm_missing_reason() -> str | None:
 
 requires_vllm = pytest.mark.skipif(vllm_missing_reason() is not None,
                                    reason=vllm_missing_reason() or "")
+# The marks of a module of vLLM engine tests (its ``pytestmark``).
+VLLM_SLOW = [requires_vllm, pytest.mark.slow]
 
 
 def make_engine_tiny(family: str, out_dir: Path) -> Path:

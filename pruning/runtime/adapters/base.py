@@ -214,3 +214,25 @@ class SequentialPositions:
     def batch_positions(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """Stack left-padded (1, L) rows into (B, L)."""
         return torch.cat(rows, dim=0)  # (B, L)
+
+
+class SiglipTower:
+    """A SigLIP-style vision tower (Gemma3; Hulu-Med's NaViT encoder), mixed in before
+    :class:`Adapter`: ``model.model.<tower>`` holds ``encoder.layers[i].self_attn`` and its own
+    config; ``model.model.<projector>`` maps its features into the language model's space."""
+
+    # Attributes of ``model.model``: (the vision encoder, the projector).
+    tower_and_projector: tuple[str, str] = ("", "")
+
+    def vision_config(self, model: nn.Module) -> Any:
+        """The tower's config (its ``_attn_implementation`` is what the capture switches)."""
+        return getattr(model.model, self.tower_and_projector[0]).config
+
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The tower and the projector."""
+        return [getattr(model.model, name) for name in self.tower_and_projector]
+
+    def attention_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention module of every encoder layer, in order."""
+        tower = getattr(model.model, self.tower_and_projector[0])
+        return [layer.self_attn for layer in tower.encoder.layers]

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from pruning.ops.token_maps import pool_grid, strip_mean
-from pruning.runtime.adapters.base import Adapter, SequentialPositions
+from pruning.runtime.adapters.base import Adapter, SequentialPositions, SiglipTower
 from pruning.runtime.recipe import SliceRecipe
 
 
-class Gemma3Adapter(SequentialPositions, Adapter):
+class Gemma3Adapter(SiglipTower, SequentialPositions, Adapter):
     family = "gemma3"
+    tower_and_projector = ("vision_tower", "multi_modal_projector")
     model_class = "Gemma3ForConditionalGeneration"
 
     def load_processor(self, ckpt: Path) -> Any:
@@ -63,15 +64,6 @@ class Gemma3Adapter(SequentialPositions, Adapter):
     def reserved_strings(self, processor: Any) -> list[str]:
         tok = processor.tokenizer
         return [tok.boi_token, tok.eoi_token, tok.image_token]
-
-    def vision_config(self, model: nn.Module) -> Any:
-        return model.model.vision_tower.config
-
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.model.vision_tower, model.model.multi_modal_projector]
-
-    def attention_layers(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.self_attn for layer in model.model.vision_tower.encoder.layers]
 
     def pixel_inputs(self, slices: torch.Tensor, recipe: SliceRecipe, lut: torch.Tensor,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:

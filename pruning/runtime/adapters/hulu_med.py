@@ -31,13 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.runtime.adapters.base import Adapter, SequentialPositions, image_only_processor
+from pruning.runtime.adapters.base import (
+    Adapter,
+    SequentialPositions,
+    SiglipTower,
+    image_only_processor,
+)
 from pruning.runtime.adapters.merge_units import merge_unit_pixels, merge_unit_tokens
 from pruning.runtime.recipe import SliceRecipe, video_processor_config
 
 
-class HuluMedAdapter(SequentialPositions, Adapter):
+class HuluMedAdapter(SiglipTower, SequentialPositions, Adapter):
     family = "hulu_med"
+    tower_and_projector = ("vision_model", "projector")
     model_class = "VideoLlama3ForConditionalGeneration"
 
     def load_processor(self, ckpt: Path) -> Any:
@@ -90,15 +96,6 @@ class HuluMedAdapter(SequentialPositions, Adapter):
         return [processor.image_token, processor.video_token]
 
     # ------------------------------------------------------------------ vision
-    def vision_config(self, model: nn.Module) -> Any:
-        return model.model.vision_model.config
-
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.model.vision_model, model.model.projector]
-
-    def attention_layers(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.self_attn for layer in model.model.vision_model.encoder.layers]
-
     def pixel_inputs(self, slices: torch.Tensor, recipe: SliceRecipe, lut: torch.Tensor,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
         merge = recipe.patch_factor // self._patch

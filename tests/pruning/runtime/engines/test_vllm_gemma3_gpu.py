@@ -14,17 +14,17 @@ from tests.helpers.engines import (
     LOGPROB_TOL,
     NEW_TOKENS,
     PROMPTS,
+    VLLM_SLOW,
     drop_slice_tokens,
     hf_image_blocks,
     hf_logprobs,
     make_engine_tiny,
     pruning_cases,
-    requires_vllm,
     vllm_image_ranges,
     volumes,
 )
 
-pytestmark = [requires_vllm, pytest.mark.gpu, pytest.mark.slow]
+pytestmark = [*VLLM_SLOW, pytest.mark.gpu]
 CASES = pruning_cases()
 
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.engines import (
-    NEW_TOKENS,
-    PHANTOM,
-    PROMPTS,
-    pruning_cases,
-    requires_vllm,
-    volumes,
-)
+from tests.helpers.engines import NEW_TOKENS, PHANTOM, PROMPTS, VLLM_SLOW, pruning_cases, volumes
 
-pytestmark = [requires_vllm, pytest.mark.slow]
+pytestmark = VLLM_SLOW
 CASES = pruning_cases()
 
 

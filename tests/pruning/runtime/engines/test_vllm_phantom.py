@@ -14,15 +14,15 @@ from tests.helpers.engines import (
     NEW_TOKENS,
     PHANTOM,
     PROMPTS,
+    VLLM_SLOW,
     assert_engine_parity,
     drop_slice_tokens,
     hf_texts,
     pruning_cases,
-    requires_vllm,
     volumes,
 )
 
-pytestmark = [requires_vllm, pytest.mark.slow]
+pytestmark = VLLM_SLOW
 CASES = pruning_cases()
 
 
@@ -71,7 +71,8 @@ def test_concurrent_greedy_equals_hf(vlm, engine, method):
 
 def test_zero_kept_slice(vlm, engine):
     prepared = vlm.prepare_batch(volumes(), list(PROMPTS), pruning=CASES["medpruner"])
-    samples = [drop_slice_tokens(vlm, s, i) for s, i in zip(prepared.samples, (0, 1, -1), strict=True)]
+    samples = [drop_slice_tokens(vlm, s, i)
+               for s, i in zip(prepared.samples, (0, 1, -1), strict=True)]
     assert_engine_parity(vlm, lambda s: _gather(engine, s), CASES["medpruner"], samples=samples)
 
 

@@ -20,17 +20,17 @@ import pytest
 from tests.helpers.engines import (
     NEW_TOKENS,
     PROMPTS,
+    VLLM_SLOW,
     assert_engine_parity,
     drop_slice_tokens,
     hf_image_blocks,
     make_engine_tiny,
     pruning_cases,
-    requires_vllm,
     vllm_image_ranges,
     volumes,
 )
 
-pytestmark = [requires_vllm, pytest.mark.slow]
+pytestmark = VLLM_SLOW
 CASES = pruning_cases()
 CHUNKED = {"max_num_batched_tokens": 32, "block_size": 32}
 # Per model: its family, the engine's own options beside the shared ones, and changes to the
