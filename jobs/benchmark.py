@@ -17,7 +17,8 @@ BENCHMARKS = {
     "pipeline": "Ray Data pipeline vs an in-process loop; model-actor scaling",
     "serve": "HTTP latency and throughput with and without @serve.batch",
     "quality": "phantom benchmark: accuracy, R-Rate and lesion recall per method",
-    "lesions": "inserted lesions in real CT / MRI: lesion-slice recall per slice filter at matched budgets",
+    "lesions": ("inserted lesions in real CT / MRI: lesion-slice recall per slice filter "
+                "at matched budgets"),
     "engine": "hf generate vs the vLLM engine on the same pruned inputs at concurrency 1 / 8 / 32",
     "autoscale": "Serve model replicas scaling up (a new GPU node) and down on Ray's autoscaler",
     "reuse": "job and Serve with and without reusing each volume's pruned tokens across questions",

@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("jobs.tools:make_synthetic_dataset", "write a synthetic dataset"),
     "convert": ("jobs.tools:convert", "convert a checkpoint to the native layout (hulu-med)"),
     "serve": ("jobs.serving:main", "start the HTTP service on Ray Serve"),
-    "cluster": ("jobs.cluster:main", "local autoscaling cluster; publish node types (jobs.cluster)"),
+    "cluster": ("jobs.cluster:main",
+                "local autoscaling cluster; publish node types (jobs.cluster)"),
 }
 
 

@@ -60,10 +60,11 @@ def connect_ray(config: EvalConfig) -> str:
         except (ConnectionError, RuntimeError):
             pass
     gpus = options.num_gpus if options.num_gpus is not None else _visible_gpus()
-    wanted = max(config.stages.load.num_gpus, config.stages.infer.num_gpus, config.stages.score.num_gpus)
+    wanted = max(config.stages.load.num_gpus, config.stages.infer.num_gpus,
+                 config.stages.score.num_gpus)
     if wanted > gpus:
-        raise ConfigError(f"a stage asks for {wanted} GPU(s) per actor but this machine has {gpus}; "
-                          "set stages.infer.num_gpus=0 (CPU) or ray.num_gpus")
+        raise ConfigError(f"a stage asks for {wanted} GPU(s) per actor but this machine has "
+                          f"{gpus}; set stages.infer.num_gpus=0 (CPU) or ray.num_gpus")
     ray.init(  # address "local": a new instance, never another cluster running on this host
         address="local", num_cpus=options.num_cpus or local_cpus(config), num_gpus=gpus,
         object_store_memory=options.object_store_memory,

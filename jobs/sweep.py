@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     """Build the grid, evaluate it, write the sweep table and plot."""
     parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="base YAML config (its methods are replaced)")
+    parser.add_argument("--config", required=True,
+                        help="base YAML config (its methods are replaced)")
     parser.add_argument("--tau", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95])
     parser.add_argument("--gamma", type=_floats, default=[0.05])
     parser.add_argument("--ablations", default="full", help=f"comma list of {', '.join(ABLATIONS)}")

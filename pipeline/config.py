@@ -110,10 +110,13 @@ class DatasetConfig(StrictModel):
 
     uri: str = Field(
         description="manifest path or s3:// URI; 'synthetic' builds a small synthetic dataset "
-        "in cache_dir (pipeline.synthetic.datasets.make_dataset) in the given format; 'phantom' builds "
-        "the phantom VQA benchmark's held-out split (pipeline.synthetic.phantom_vqa, format jsonl)"
+        "in cache_dir (pipeline.synthetic.datasets.make_dataset) in the given format; "
+        "'phantom' builds the phantom VQA benchmark's held-out split "
+        "(pipeline.synthetic.phantom_vqa, format jsonl)"
     )
-    format: str = Field(description="manifest format, one of pipeline.datasets.records.DATASET_FORMATS")
+    format: str = Field(
+        description="manifest format, one of pipeline.datasets.records.DATASET_FORMATS"
+    )
     limit: int | None = Field(None, ge=1, description="evaluate only the first N records")
     storage: StorageOptions | None = Field(
         None, description="object-store options for the dataset (default: top-level storage)"
@@ -134,13 +137,15 @@ class DatasetConfig(StrictModel):
     def _known_format(cls, value: str) -> str:
 
         if value not in DATASET_FORMATS:
-            raise ValueError(f"unknown format {value!r}; valid: {', '.join(sorted(DATASET_FORMATS))}")
+            raise ValueError(f"unknown format {value!r}; "
+                             f"valid: {', '.join(sorted(DATASET_FORMATS))}")
         return value
 
     @model_validator(mode="after")
     def _phantom_is_jsonl(self) -> DatasetConfig:
         if self.uri == PHANTOM and self.format != "jsonl":
-            raise ValueError(f"uri 'phantom' is written as canonical records: set format: jsonl, not {self.format!r}")
+            raise ValueError(f"uri 'phantom' is written as canonical records: set format: jsonl, "
+                             f"not {self.format!r}")
         if self.questions_per_volume != 1 and self.uri != PHANTOM:
             raise ValueError(f"questions_per_volume applies to uri 'phantom' only, not "
                              f"{self.uri!r}")
@@ -179,7 +184,9 @@ class ModelConfig(StrictModel):
         "committed model trained on the phantom benchmark"
     )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
-    dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None: model default")
+    dtype: str | None = Field(
+        None, description="torch dtype name, e.g. bfloat16; None: model default"
+    )
     engine: EngineChoice = "auto"
     causal_image_attention: CausalImageAttention = False
     slice_size: SliceSize = None
@@ -234,7 +241,9 @@ class RunOptions(StrictModel):
     retry_transient: bool = Field(
         True, description="on resume, re-run pairs whose error was transient (storage outage)"
     )
-    flush_rows: int = Field(64, ge=1, description="rows per results part file written while running")
+    flush_rows: int = Field(
+        64, ge=1, description="rows per results part file written while running"
+    )
     progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines")
     max_volume_bytes: int = Field(
         2 * 1024**3, ge=1, description="refuse volumes larger than this (bytes, after fetch)"
@@ -360,7 +369,8 @@ def apply_overrides(data: dict[str, Any],
             else:
                 raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a mapping")
             if last:
-                if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(index), dict):
+                if (isinstance(value, dict) and isinstance(node, dict)
+                        and isinstance(node.get(index), dict)):
                     node[index].update(value)
                 else:
                     node[index] = value
@@ -400,7 +410,9 @@ def parse_config(data: dict[str, Any]) -> EvalConfig:
         raise ConfigError(f"invalid config: {format_validation_error(exc)}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> EvalConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> EvalConfig:
     """Read a YAML config, apply ``key=value`` overrides and validate it.
 
     Raises:
@@ -413,7 +425,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+            raise ConfigError(
+                f"config {path} is not valid YAML: {' '.join(str(exc).split())}"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
     for override in overrides or []:

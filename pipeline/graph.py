@@ -125,7 +125,8 @@ def resolve_manifest(config: EvalConfig) -> str:
     if ds.uri != SYNTHETIC:
         return ds.uri
 
-    folder = join_uri(config.cache_path(), "datasets", f"{ds.format}-n{ds.synthetic_volumes}-s{ds.seed}")
+    folder = join_uri(config.cache_path(), "datasets",
+                      f"{ds.format}-n{ds.synthetic_volumes}-s{ds.seed}")
     marker = join_uri(folder, "medpruner-synthetic.json")
     if exists(marker, config.dataset_storage):
         return json.loads(read_bytes(marker, config.dataset_storage))["manifest"]
@@ -177,14 +178,16 @@ def _check_compatible(existing: pa.Table, config: EvalConfig) -> None:
         return
     models = set(existing.column("model").to_pylist())
     if models - {config.model.path}:
-        raise OutputConflictError(f"output {config.output} holds results of model(s) {sorted(models)}, not "
-                         f"{config.model.path!r}; use another output or run.resume=false")
+        raise OutputConflictError(f"output {config.output} holds results of model(s) "
+                                  f"{sorted(models)}, not {config.model.path!r}; "
+                                  f"use another output or run.resume=false")
     defined = {m.name: m.pruning.model_dump_json() for m in config.methods}
     for name, pruning in zip(existing.column("method").to_pylist(),
                              existing.column("pruning").to_pylist(), strict=True):
         if name in defined and pruning != defined[name]:
-            raise OutputConflictError(f"output {config.output} has method {name!r} with a different "
-                             f"pruning config; rename the method or use another output")
+            raise OutputConflictError(f"output {config.output} has method {name!r} with a "
+                                      f"different pruning config; rename the method or use "
+                                      f"another output")
 
 
 def pending(rows: list[dict[str, Any]], existing: pa.Table, retry_errors: bool,
@@ -325,7 +328,8 @@ def _stream(ds: ray.data.Dataset, config: EvalConfig, run_id: str, progress: Pro
         nonlocal seq, written
         if buffered:
             table = pa.concat_tables(buffered)
-            write_results(join_uri(parts_dir, f"part-{run_id}-{seq:05d}.parquet"), table, config.storage)
+            write_results(join_uri(parts_dir, f"part-{run_id}-{seq:05d}.parquet"), table,
+                          config.storage)
             seq, written = seq + 1, written + table.num_rows
             buffered.clear()
 
@@ -375,7 +379,8 @@ def run_evaluation(
     records = list(read_records(manifest, config.dataset.format, storage=config.dataset_storage))
     records = records[: config.dataset.limit] if config.dataset.limit else records
     rows = expand_rows(config, records)
-    existing = read_parts(join_uri(config.output, "results"), config.storage) if config.run.resume else None
+    existing = (read_parts(join_uri(config.output, "results"), config.storage)
+                if config.run.resume else None)
     existing = existing if existing is not None else pa.table({"id": [], "method": [], "error": []})
     if existing.num_rows:
         _check_compatible(existing, config)
@@ -387,7 +392,10 @@ def run_evaluation(
         f"{len(rows) - len(todo)} already in {config.output}, {len(todo)} to run")
     progress = Progress(totals, done, interval_s=config.run.progress_interval_s, log=say)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    new_rows = _stream(build_dataset(config, todo, stages=stages), config, run_id, progress, on_batch) if todo else 0
+    new_rows = (
+        _stream(build_dataset(config, todo, stages=stages), config, run_id, progress, on_batch)
+        if todo else 0
+    )
     progress.maybe_report(force=True)
     merged = merge_results(read_parts(join_uri(config.output, "results"), config.storage), rows)
     if merged.num_rows != len(rows):
@@ -397,8 +405,10 @@ def run_evaluation(
     write_results(results_uri, merged, config.storage)
     summary = summarize_results(merged, [m.name for m in config.methods])
     summary["config"] = json.loads(config.model_dump_json())
-    write_bytes(join_uri(config.output, "summary.json"), json.dumps(summary, indent=2).encode(), config.storage)
-    write_bytes(join_uri(config.output, "summary.md"), summary_markdown(summary).encode(), config.storage)
+    write_bytes(join_uri(config.output, "summary.json"), json.dumps(summary, indent=2).encode(),
+                config.storage)
+    write_bytes(join_uri(config.output, "summary.md"), summary_markdown(summary).encode(),
+                config.storage)
     errors = sum(1 for e in merged.column("error").to_pylist() if e)
     return EvalResult(config.output, results_uri, summary, merged.num_rows, new_rows, errors,
                       time.monotonic() - started, error_summary(merged),

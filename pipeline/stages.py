@@ -169,7 +169,8 @@ class LoadStage:
         self.limits = as_limits(limits)
         self.transient_retries, self.retry_backoff_s = transient_retries, retry_backoff_s
         self.recipe = load_recipe(model, cache_dir=cache_dir, slice_size=slice_size)
-        self.storage = StorageOptions.model_validate(storage) if isinstance(storage, dict) else storage
+        self.storage = (StorageOptions.model_validate(storage) if isinstance(storage, dict)
+                        else storage)
         self.max_volume_bytes = max_volume_bytes
         self.volume_check = volume_check
         self.reuse = reuse

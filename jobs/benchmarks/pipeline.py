@@ -49,12 +49,15 @@ class FixedCostModel:
         total = np.asarray([plan.total for plan in plans], dtype=np.int64)
         out.update(prediction=np.asarray(["A"] * n, dtype=object), slices_kept=kept,
                    slices_total=total, tokens_total=total * 16,
-                   tokens_after_iaf=kept * 16, tokens_kept=kept * 8, infer_pid=np.full(n, os.getpid()))
+                   tokens_after_iaf=kept * 16, tokens_kept=kept * 8,
+                   infer_pid=np.full(n, os.getpid()))
         out["r_rate"] = out["tokens_kept"] / np.maximum(out["tokens_total"], 1)
         return out
 
 
-def make_config(root: Path, manifest: str, name: str, *, methods: int = 1, **extra: Any) -> EvalConfig:
+def make_config(
+    root: Path, manifest: str, name: str, *, methods: int = 1, **extra: Any
+) -> EvalConfig:
     """Config over the benchmark manifest; ``methods`` copies of medpruner (distinct names)."""
     data: dict[str, Any] = {
         "output": str(root / name), "cache_dir": str(root / "cache"),
@@ -173,12 +176,14 @@ def part_scaling(root: Path, manifest: str, cost: float, methods: int) -> None:
     from ray.cluster_utils import Cluster
 
     load_actors = 2
-    stages = {"load": {"num_cpus": 1, "min_actors": load_actors, "max_actors": load_actors, "batch_size": 2},
+    stages = {"load": {"num_cpus": 1, "min_actors": load_actors, "max_actors": load_actors,
+                       "batch_size": 2},
               "score": {"num_cpus": 0.25, "batch_size": 4}}
     base = make_config(root, manifest, "scale", methods=methods, stages=stages)
     capacity = cpu_stage_capacity(base, load_actors)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "num_gpus": 0, "object_store_memory": 200 * 1024**2, "include_dashboard": False})
+        "num_cpus": 3, "num_gpus": 0, "object_store_memory": 200 * 1024**2,
+        "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=1, num_gpus=2, object_store_memory=100 * 1024**2)
     cluster.wait_for_nodes()
@@ -198,20 +203,22 @@ def part_scaling(root: Path, manifest: str, cost: float, methods: int) -> None:
     one = results[0][2]
     print(f"\n## Part 2: stand-in model stage, {cost * 1000:.0f} ms per row (no CPU), "
           f"{results[0][3]} rows, {load_actors} CPU-stage actors on {os.cpu_count()} cores")
-    print("| model actors | demand rows/s | steady rows/s | of demand | wall s | scaling efficiency |\n"
+    print("| model actors | demand rows/s | steady rows/s | of demand | wall s "
+          "| scaling efficiency |\n"
           "|---|---|---|---|---|---|")
     for actors, wall, steady, _ in results:
         print(f"| {actors} | {actors / cost:.1f} | {steady:.2f} | {steady * cost / actors:.0%} | "
               f"{wall:.1f} | {steady / (actors * one):.0%} |")
-    print(f"CPU stage (load + window + resize + IAF) capacity measured in-process: {capacity:.1f} rows/s "
-          f"with {load_actors} actors; the model actors' demand exceeds it from "
-          f"{capacity * cost:.1f} actors on: beyond that the CPU stage saturates.")
+    print(f"CPU stage (load + window + resize + IAF) capacity measured in-process: "
+          f"{capacity:.1f} rows/s with {load_actors} actors; the model actors' demand exceeds "
+          f"it from {capacity * cost:.1f} actors on: beyond that the CPU stage saturates.")
 
 
 def main(argv: list[str]) -> int:
     """Run both parts and print their tables."""
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark pipeline", description=__doc__)
-    parser.add_argument("--volumes", type=int, default=6, help="synthetic volumes (~4.5 records each)")
+    parser.add_argument("--volumes", type=int, default=6,
+                        help="synthetic volumes (~4.5 records each)")
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=16)

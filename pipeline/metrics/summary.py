@@ -1,9 +1,9 @@
 """Per-method summary of a results table: the paper's metrics, R-Rate, timings, quality.
 
 ``summarize_results`` builds a JSON-ready dict; ``summary_markdown`` renders it as the
-``summary.md`` table. Metrics come from ``pipeline.metrics.scorers.summarize`` (macro over categories,
-x100; failed rows score 0), rates from ``pruning.aggregate_rates`` over successful rows (R-Rate
-as mean of per-sample ratios and as ratio of sums).
+``summary.md`` table. Metrics come from ``pipeline.metrics.scorers.summarize`` (macro over
+categories, x100; failed rows score 0), rates from ``pruning.aggregate_rates`` over successful
+rows (R-Rate as mean of per-sample ratios and as ratio of sums).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pyarrow as pa
 from pipeline.metrics.scorers import summarize
 from pruning.ops.accounting import aggregate_rates
 
-TIMINGS = ("t_load_s", "t_iaf_s", "t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s", "t_total_s")
+TIMINGS = ("t_load_s", "t_iaf_s", "t_vision_s", "t_select_s", "t_prefill_s", "t_decode_s",
+           "t_total_s")
 KINDS = ("closed", "open", "report")
 
 
@@ -56,7 +57,9 @@ def _quality(entry: dict[str, Any], base: dict[str, Any] | None) -> float | None
     return sum(parts) / len(parts) if parts else None
 
 
-def summarize_results(table: pa.Table, methods: list[str], baseline: str = "original") -> dict[str, Any]:
+def summarize_results(
+    table: pa.Table, methods: list[str], baseline: str = "original"
+) -> dict[str, Any]:
     """Summary of a results table, methods in the given order.
 
     Returns:
@@ -130,11 +133,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             cells.append(_fmt(m.get("closed", {}).get("accuracy")))
         for kind in ("open", "report"):
             if kind in kinds:
-                cells += [_fmt(m.get(kind, {}).get(k)) for k in ("bleu1", "bleu4", "rouge1", "rougeL", "meteor")]
+                cells += [_fmt(m.get(kind, {}).get(k))
+                          for k in ("bleu1", "bleu4", "rouge1", "rougeL", "meteor")]
         timings = m.get("timings", {})
         cells += [_fmt(m.get("quality_pct"), 1), _fmt(m.get("r_rate_mean"), 3),
                   _fmt(m.get("r_rate_pooled"), 3), _fmt(m.get("slice_rate_mean"), 3)]
-        cells += [_fmt(timings.get(t), 3) for t in ("t_vision_s", "t_prefill_s", "t_decode_s", "t_total_s")]
+        cells += [_fmt(timings.get(t), 3)
+                  for t in ("t_vision_s", "t_prefill_s", "t_decode_s", "t_total_s")]
         share = m.get("vision_reused_share")
         cells.append(_fmt(None if share is None else 100.0 * share, 1))
         lines.append("| " + " | ".join(cells) + " |")

@@ -51,7 +51,9 @@ class PhantomExample:
     answer: str  # letter for closed, word for open
 
 
-def question_for(phantom: Phantom, qtype: str, task: str = "closed") -> tuple[str, dict | None, str]:
+def question_for(
+    phantom: Phantom, qtype: str, task: str = "closed"
+) -> tuple[str, dict | None, str]:
     """Question text, choices (closed only) and gold answer for ``phantom``.
 
     Raises:
@@ -110,7 +112,8 @@ def split_seeds(split: str, n: int, *, offset: int = 0) -> range:
 
 def fixed_examples(split: str, n_per_type: int, task: str = "closed") -> list[PhantomExample]:
     """``n_per_type`` items of every question type from a fixed split (target difficulty)."""
-    return [make_example(s, task=task) for s in split_seeds(split, n_per_type * len(QUESTION_TYPES))]
+    return [make_example(s, task=task)
+            for s in split_seeds(split, n_per_type * len(QUESTION_TYPES))]
 
 
 def lesion_slices(mask: np.ndarray) -> np.ndarray:

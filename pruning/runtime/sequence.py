@@ -64,7 +64,9 @@ def token_pixels(vlm: ModelParts, slices_u8: np.ndarray) -> torch.Tensor:
     return blocks.reshape(n, rows * cols, -1)
 
 
-def render_prompt(vlm: ModelParts, numbers: list[int], prompt: str, tokens_per_slice: int) -> torch.Tensor:
+def render_prompt(
+    vlm: ModelParts, numbers: list[int], prompt: str, tokens_per_slice: int
+) -> torch.Tensor:
     """Token ids (L,) of the full prompt with every slice's K placeholders."""
     adapter, processor = vlm.adapter, vlm.processor
     messages = [{"role": "user", "content": adapter.message_content(numbers, prompt)}]

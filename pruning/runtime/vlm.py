@@ -94,7 +94,8 @@ class Generation:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (stats flattened through ``PruneStats.to_dict``)."""
         return {"text": self.text, "stats": self.stats.to_dict(), "timings": dict(self.timings),
-                "kept_slices": list(self.kept_slices), "kept_tokens": [list(t) for t in self.kept_tokens],
+                "kept_slices": list(self.kept_slices),
+                "kept_tokens": [list(t) for t in self.kept_tokens],
                 "token_grid": list(self.token_grid), "vision_reused": self.vision_reused}
 
 

@@ -79,7 +79,8 @@ def manifest_with_corrupt_volume(folder: Path, volumes: int = 2, limit: int = 4)
     records = records[:limit]
     broken = folder / "corrupt.nii.gz"
     broken.write_bytes(b"this is not a gzip-compressed NIfTI volume")
-    records.append(records[0].model_copy(update={"id": "corrupt-volume", "volume_uri": str(broken)}))
+    records.append(records[0].model_copy(update={"id": "corrupt-volume",
+                                                 "volume_uri": str(broken)}))
     return write_jsonl(records, str(folder / "with_corrupt.jsonl"))
 
 

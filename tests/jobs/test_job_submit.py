@@ -33,10 +33,12 @@ def ray_head():
     env = {**os.environ, **ray_env(), "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     dashboard = free_port()
     ports = {flag: free_port() for flag in (
-        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+        "port", "ray-client-server-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port")}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           "--include-dashboard=true",
            "--num-cpus=4", "--num-gpus=0", f"--object-store-memory={300 * 1024**2}",
            f"--temp-dir={temp_dir}", "--disable-usage-stats",
            *[f"--{flag}={port}" for flag, port in ports.items()]]
@@ -49,7 +51,9 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_job_submit_runs_the_demo_to_success(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+def test_job_submit_runs_the_demo_to_success(
+    ray_head: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
     address, env = ray_head
     output, cache = tmp_path / "out", tmp_path / "cache"
     excludes = [".git", ".pytest_cache", ".ruff_cache", ".hypothesis", "**/__pycache__"]

@@ -48,7 +48,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _config(data: dict[str, str], name: str, **extra: object):
-    return small_config(os.path.join(data["root"], name), data["manifest"], "jsonl", data["cache"], **extra)
+    return small_config(os.path.join(data["root"], name), data["manifest"], "jsonl", data["cache"],
+                        **extra)
 
 
 # ---------------------------------------------------------------- pure helpers (no Ray)
@@ -71,13 +72,15 @@ def test_expand_rows_is_method_major_with_prompts(data: dict[str, str]) -> None:
 
 def _rows(pairs: list[tuple[str, str, str]], run: str = "r1") -> pa.Table:
     return coerce_results(pa.table({"id": [p[0] for p in pairs], "method": [p[1] for p in pairs],
-                                    "error": [p[2] for p in pairs], "tokens_kept": [5] * len(pairs)}), run)
+                                    "error": [p[2] for p in pairs],
+                                    "tokens_kept": [5] * len(pairs)}), run)
 
 
 def test_pending_skips_finished_pairs_and_optionally_retries_errors() -> None:
     rows = [{"id": i, "method": m} for m in ("a", "b") for i in ("x", "y")]
     existing = _rows([("x", "a", ""), ("y", "a", "load: bad")])
-    assert [(r["id"], r["method"]) for r in pending(rows, existing, False)] == [("x", "b"), ("y", "b")]
+    assert ([(r["id"], r["method"]) for r in pending(rows, existing, False)]
+            == [("x", "b"), ("y", "b")])
     assert len(pending(rows, existing, True)) == 3
 
 
@@ -153,7 +156,8 @@ def test_resume_refuses_a_changed_method_definition(data: dict[str, str]) -> Non
 
 def test_progress_line_counts_per_method() -> None:
     lines: list[str] = []
-    progress = Progress({"original": 4, "medpruner": 4}, {"original": 2}, interval_s=60, log=lines.append)
+    progress = Progress({"original": 4, "medpruner": 4}, {"original": 2}, interval_s=60,
+                        log=lines.append)
     progress.update(["original", "medpruner"], ["", "infer: x"])
     progress.maybe_report(force=True)
     assert "4/8" in lines[-1] and "original 3/4" in lines[-1] and "medpruner 1/4" in lines[-1]
@@ -193,7 +197,8 @@ def ray_session():
 
 def _ids_and_methods(uri: str) -> list[tuple[str, str]]:
     table = pq.read_table(uri, columns=["id", "method"])
-    return list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(), strict=True))
+    return list(zip(table.column("id").to_pylist(), table.column("method").to_pylist(),
+                    strict=True))
 
 
 @pytest.mark.ray
@@ -234,7 +239,9 @@ def test_local_run_survives_a_killed_model_actor_and_a_corrupt_volume(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_run_resumes_without_duplicates(ray_session: None, data: dict[str, str]) -> None:
+def test_interrupted_run_resumes_without_duplicates(
+    ray_session: None, data: dict[str, str]
+) -> None:
     config = _config(data, "resume", run={"flush_rows": 1, "progress_interval_s": 0.5})
 
     def stop(_: pa.Table) -> None:

@@ -77,7 +77,8 @@ def test_load_stage_emits_only_kept_uint8_slices(load: LoadStage, volumes: dict[
     assert list(plans[0].encode) == list(range(12))
     assert 1 <= pruned.shape[0] <= 12 and pruned.shape[1:] == (h, w, 3)
     kept = plans[1].encode
-    assert kept.dtype == np.int64 and list(kept) == sorted(set(kept)) and len(kept) == pruned.shape[0]
+    assert (kept.dtype == np.int64 and list(kept) == sorted(set(kept))
+            and len(kept) == pruned.shape[0])
     np.testing.assert_array_equal(pruned, full[kept])
     assert [plan.total for plan in plans] == [12, 12]
     assert all(t >= 0 for t in out["t_load_s"]) and all(t >= 0 for t in out["t_iaf_s"])
@@ -95,7 +96,9 @@ def test_load_stage_reads_the_rows_config_and_refuses_unknown_methods(
     assert out["error"][1] == "" and list(SlicePlan.from_dict(out["plan"][1]).encode) == [0, 4, 8]
 
 
-def test_slice_budget_in_the_job_config_reaches_the_load_stage(cache: str, volumes: dict[str, str]) -> None:
+def test_slice_budget_in_the_job_config_reaches_the_load_stage(
+    cache: str, volumes: dict[str, str]
+) -> None:
     from pipeline.config import parse_config
     from pipeline.graph import stage_specs
 
@@ -140,7 +143,9 @@ def test_reference_profile_through_the_stages_equals_generate(
     assert torch.equal(infer.vlm.logits(staged), infer.vlm.logits(whole))
 
 
-def test_load_stage_turns_failures_into_error_rows(load: LoadStage, volumes: dict[str, str]) -> None:
+def test_load_stage_turns_failures_into_error_rows(
+    load: LoadStage, volumes: dict[str, str]
+) -> None:
     batch = _batch([volumes["v0"], volumes["corrupt"], "/nonexistent/x.npy", volumes["v1"]],
                    [ORIGINAL] * 4, error=["", "", "", "upstream: broke"])
     out = load(batch)
@@ -159,7 +164,9 @@ def test_load_stage_prefers_inline_bytes(load: LoadStage, volumes: dict[str, str
 
 
 @pytest.mark.parametrize("stage_name", ["load", "infer", "score"])
-def test_missing_column_is_a_clear_error(stage_name: str, load: LoadStage, infer: InferStage) -> None:
+def test_missing_column_is_a_clear_error(
+    stage_name: str, load: LoadStage, infer: InferStage
+) -> None:
     stage = {"load": load, "infer": infer, "score": ScoreStage()}[stage_name]
     with pytest.raises(ValueError, match="lacks required column"):
         stage({"id": np.array(["x"], dtype=object)})
@@ -176,7 +183,8 @@ def test_infer_stage_generates_with_stats_and_keeps_order(
     ok = [0, 2, 3]
     assert all(out["error"][i] == "" for i in ok), out["error"]
     assert all(isinstance(out["prediction"][i], str) for i in ok)
-    assert out["r_rate"][0] == pytest.approx(1.0) and out["tokens_kept"][0] == out["tokens_total"][0]
+    assert (out["r_rate"][0] == pytest.approx(1.0)
+            and out["tokens_kept"][0] == out["tokens_total"][0])
     for i in (2, 3):
         assert 0 < out["tokens_kept"][i] <= out["tokens_after_iaf"][i] <= out["tokens_total"][i]
         assert out["r_rate"][i] == pytest.approx(out["tokens_kept"][i] / out["tokens_total"][i])
@@ -184,7 +192,9 @@ def test_infer_stage_generates_with_stats_and_keeps_order(
     assert math.isnan(out["t_total_s"][1])
 
 
-def test_infer_stage_isolates_a_bad_row(load: LoadStage, infer: InferStage, volumes: dict[str, str]) -> None:
+def test_infer_stage_isolates_a_bad_row(
+    load: LoadStage, infer: InferStage, volumes: dict[str, str]
+) -> None:
     loaded = load(_batch([volumes["v0"], volumes["v1"]], [ORIGINAL, ORIGINAL]))
     loaded["plan"][1] = SlicePlan(np.arange(99), total=99).to_dict()  # not its slices
     out = infer(loaded)

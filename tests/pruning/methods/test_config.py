@@ -13,7 +13,8 @@ from pruning.methods import PruningConfig, default_temperature, get_method, list
 def test_defaults_follow_the_spec() -> None:
     cfg = PruningConfig()
     assert (cfg.method, cfg.profile, cfg.gamma, cfg.tau) == ("medpruner", "paper", 0.05, 0.9)
-    assert (cfg.contextual_ratio, cfg.merge_formula, cfg.iaf_distance) == (0.05, "reference", "mean")
+    assert ((cfg.contextual_ratio, cfg.merge_formula, cfg.iaf_distance)
+            == (0.05, "reference", "mean"))
     hiprune = PruningConfig(method="hiprune")
     assert (hiprune.hiprune_ratio, hiprune.hiprune_alpha) == (0.223, 0.1)
     assert PruningConfig(method="hulu_l1").hulu_threshold == 0.1
@@ -85,7 +86,8 @@ def test_short_name_and_round_trip() -> None:
     assert PruningConfig().short_name() == "medpruner(tau=0.9,gamma=0.05)"
     assert PruningConfig(method="original").short_name() == "original"
     assert PruningConfig(method="uniform", uniform_slices=8).short_name() == "uniform(slices=8)"
-    name = PruningConfig(iaf_distance="patch_max", use_merge=False, profile="reference").short_name()
+    name = PruningConfig(iaf_distance="patch_max", use_merge=False,
+                         profile="reference").short_name()
     assert name == "medpruner(tau=0.9,gamma=0.05,iaf=patch_max,no_merge,profile=reference)"
     cfg = PruningConfig(method="visionzip", visionzip_dominant=0.5)
     assert PruningConfig.model_validate(cfg.model_dump()) == cfg

@@ -119,14 +119,16 @@ def test_batched_equals_one_by_one(tiny_vlm):
     vols = [volume(3, seed=5), volume(5, seed=6)]
     prompts = [PROMPT, "Which organ has a lesion? Answer briefly."]
     batched = tiny_vlm.generate_batch(vols, prompts, pruning=PRUNE, max_new_tokens=5)
-    single = [tiny_vlm.generate(v, p, pruning=PRUNE, max_new_tokens=5) for v, p in zip(vols, prompts, strict=True)]
+    single = [tiny_vlm.generate(v, p, pruning=PRUNE, max_new_tokens=5)
+              for v, p in zip(vols, prompts, strict=True)]
     assert [g.text for g in batched] == [g.text for g in single]
     assert [g.kept_tokens for g in batched] == [g.kept_tokens for g in single]
 
 
 def test_identical_slice_runs_keep_one_slice_per_run(tiny_vlm):
     vol = volume(0, seed=7, runs=[3, 2, 1, 3])
-    gen = tiny_vlm.generate(vol, PROMPT, pruning=PruningConfig(method="medpruner"), max_new_tokens=2)
+    gen = tiny_vlm.generate(vol, PROMPT, pruning=PruningConfig(method="medpruner"),
+                            max_new_tokens=2)
     assert gen.kept_slices == [0, 3, 5, 6]
     assert gen.stats.slices_kept == 4 and gen.stats.slices_total == 9
 
@@ -143,7 +145,8 @@ def test_every_method_runs_through_generate(tiny_vlm, method):
 
 def test_slice_budget_through_generate(tiny_vlm):
     vol = volume(10, seed=12)
-    for cfg in (PruningConfig(slice_budget=0.4), PruningConfig(slice_budget=0.4, iaf_distance="lesion"),
+    for cfg in (PruningConfig(slice_budget=0.4),
+                PruningConfig(slice_budget=0.4, iaf_distance="lesion"),
                 PruningConfig(method="uniform", slice_budget=0.4)):
         gen = tiny_vlm.generate(vol, PROMPT, pruning=cfg, max_new_tokens=1)
         assert gen.stats.slices_kept == 4 and gen.stats.slices_total == 10, cfg.short_name()
@@ -166,7 +169,8 @@ def test_preselected_slices_match_full_volume(tiny_vlm):
     u8 = tiny_vlm.recipe.prepare(vol)
     plan = cfg.slice_plan(u8)
     pre = tiny_vlm.generate(u8[plan.encode], PROMPT, pruning=cfg, max_new_tokens=3, plan=plan)
-    assert (pre.text, pre.kept_slices, pre.kept_tokens) == (full.text, full.kept_slices, full.kept_tokens)
+    assert ((pre.text, pre.kept_slices, pre.kept_tokens)
+            == (full.text, full.kept_slices, full.kept_tokens))
     assert pre.stats == full.stats
 
 

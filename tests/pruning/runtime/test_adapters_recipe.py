@@ -30,14 +30,17 @@ def test_registry_lists_families_and_rejects_unknown():
     with pytest.raises(ValueError,
                        match=r"supported: \['gemma3', 'hulu_med', 'qwen2_5_vl', 'qwen3_vl'\]"):
         create_adapter("llava")
-    assert family_for_config({"architectures": ["VideoLlama3ForConditionalGeneration"]}) == "hulu_med"
+    assert family_for_config(
+        {"architectures": ["VideoLlama3ForConditionalGeneration"]}) == "hulu_med"
     with pytest.raises(ValueError, match="medpruner convert hulu-med SRC DST"):
-        family_for_config({"architectures": ["HulumedQwen2ForCausalLM"], "model_type": "hulumed_qwen2"})
+        family_for_config({"architectures": ["HulumedQwen2ForCausalLM"],
+                           "model_type": "hulumed_qwen2"})
     for family in list_adapters():  # every family has a reference DINS temperature
         assert default_temperature(family) > 0
     assert family_for_config({"architectures": ["Qwen3VLForConditionalGeneration"]}) == "qwen3_vl"
     assert family_for_config({"model_type": "gemma3"}) == "gemma3"
-    assert adapter_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}).family == "qwen2_5_vl"
+    assert adapter_for_config(
+        {"architectures": ["Qwen2_5_VLForConditionalGeneration"]}).family == "qwen2_5_vl"
     with pytest.raises(ValueError, match="supported families"):
         family_for_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
 
@@ -83,8 +86,10 @@ def test_slice_plan_per_method():
     distinct = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     u8 = np.repeat(distinct, [4, 2, 2], axis=0)  # runs at 0, 4, 6
     assert PruningConfig(method="medpruner").slice_plan(u8).encode.tolist() == [0, 4, 6]
-    assert PruningConfig(method="medpruner", gamma=-1).slice_plan(u8).encode.tolist() == list(range(8))
-    assert PruningConfig(method="uniform", uniform_slices=4).slice_plan(u8).encode.tolist() == [0, 2, 4, 6]
+    assert (PruningConfig(method="medpruner", gamma=-1).slice_plan(u8).encode.tolist()
+            == list(range(8)))
+    assert (PruningConfig(method="uniform", uniform_slices=4).slice_plan(u8).encode.tolist()
+            == [0, 2, 4, 6])
     assert PruningConfig(method="visionzip").slice_plan(u8).encode.tolist() == list(range(8))
     assert len(PruningConfig(method="hulu_l1", max_slices=3).slice_plan(u8).encode) == 3
 
@@ -113,14 +118,16 @@ def test_capture_restores_attention_after_error(tiny_vlm):
     config = tiny_vlm.adapter.vision_config(tiny_vlm.model)
     impl, local = config._attn_implementation, dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
     layer = tiny_vlm.adapter.attention_layers(tiny_vlm.model)[-1]
-    with pytest.raises(RuntimeError, match="boom"), capture_attention(tiny_vlm.model, config, {"x": layer}):
+    with (pytest.raises(RuntimeError, match="boom"),
+          capture_attention(tiny_vlm.model, config, {"x": layer})):
         raise RuntimeError("boom")
     assert config._attn_implementation == impl
     assert dict(ALL_ATTENTION_FUNCTIONS._local_mapping) == local
 
 
 def test_capture_does_not_change_features_and_scores_sum_to_queries(tiny_vlm):
-    u8 = np.random.default_rng(2).integers(0, 255, (2, *tiny_vlm.recipe.size_for(512, 512), 3), dtype=np.uint8)
+    u8 = np.random.default_rng(2).integers(0, 255, (2, *tiny_vlm.recipe.size_for(512, 512), 3),
+                                           dtype=np.uint8)
     slices = torch.from_numpy(u8)
     plain = tiny_vlm.adapter.encode(tiny_vlm.model, slices, tiny_vlm.recipe, tiny_vlm.lut)
     watched = tiny_vlm.adapter.encode(tiny_vlm.model, slices, tiny_vlm.recipe, tiny_vlm.lut,
@@ -138,7 +145,8 @@ def test_eager_vision_attention_is_captured_and_restored(tiny_checkpoints):
 
     vlm = load_vlm(tiny_checkpoints["qwen3_vl"], attn_implementation="eager")
     config = vlm.adapter.vision_config(vlm.model)
-    u8 = np.random.default_rng(3).integers(0, 255, (1, *vlm.recipe.size_for(512, 512), 3), dtype=np.uint8)
+    u8 = np.random.default_rng(3).integers(0, 255, (1, *vlm.recipe.size_for(512, 512), 3),
+                                           dtype=np.uint8)
     enc = vlm.adapter.encode(vlm.model, torch.from_numpy(u8), vlm.recipe, vlm.lut,
                              capture=Capture(scores=True))
     assert enc.scores.shape == (1, vlm.recipe.tokens_per_slice(tuple(u8.shape[1:3])))
