@@ -316,6 +316,15 @@ def load_recipe(
     config = _read_json(ckpt / "config.json")
     if not config:
         raise FileNotFoundError(f"no config.json in checkpoint {ckpt}")
+    return checkpoint_recipe(ckpt, config, slice_size=slice_size, window=window,
+                             rgb_packing=rgb_packing)
+
+
+def checkpoint_recipe(ckpt: Path, config: dict[str, Any], *,
+                      slice_size: tuple[int, int] | None = None, window: str = "soft_tissue",
+                      rgb_packing: bool = False) -> SliceRecipe:
+    """The recipe of a resolved checkpoint folder whose ``config.json`` is ``config``: its
+    image- and video-processor JSON read here (see :func:`recipe_from_configs`)."""
     return recipe_from_configs(config, image_processor_config(ckpt),
                                video=video_processor_config(ckpt), slice_size=slice_size,
                                window=window, rgb_packing=rgb_packing)

@@ -51,9 +51,7 @@ from pruning.runtime.engines.hf import HFEngine
 from pruning.runtime.recipe import (
     SliceRecipe,
     check_volume,
-    image_processor_config,
-    recipe_from_configs,
-    video_processor_config,
+    checkpoint_recipe,
 )
 from pruning.runtime.sequence import (
     ModelParts,
@@ -413,9 +411,8 @@ def load_vlm(model: str | Path, *, device: str | torch.device | None = None,
             module.to(dev)
     adapter.bind(net)
     processor = adapter.load_processor(ckpt)
-    recipe = recipe_from_configs(config, image_processor_config(ckpt),
-                                 video=video_processor_config(ckpt), slice_size=slice_size,
-                                 window=window, rgb_packing=rgb_packing)
+    recipe = checkpoint_recipe(ckpt, config, slice_size=slice_size, window=window,
+                               rgb_packing=rgb_packing)
     name = str(model) if not Path(str(model)).expanduser().is_dir() else ckpt.name
     vlm = VLM(net, processor, adapter, recipe, name=name, vision_batch_size=vision_batch_size)
     vlm.engine = engine_cls.create(vlm, ckpt, dtype=dtype, options=engine_options)
