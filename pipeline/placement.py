@@ -131,14 +131,18 @@ class PlacementGuard:
         timeout = self.config.run.unschedulable_timeout_s
         unfit_since: dict[str, float] = {}
         told: set[str] = set()
+        asks = stage_asks(self.config)  # pinned before the watch starts: fixed for the run
         while not self._stop.wait(self.poll_s):
             try:
-                nodes, infeasible = live_nodes(), infeasible_requests()
+                nodes = live_nodes()
+                unfit = [ask for ask in asks if not any(fits(ask, node) for node in nodes)]
+                # The autoscaler's report is read only when some stage fits no live node.
+                infeasible = infeasible_requests() if unfit else []
             except Exception:  # noqa: BLE001 - the GCS is busy or restarting: look again
                 continue
             now = time.monotonic()
-            for ask in stage_asks(self.config):
-                if any(fits(ask, node) for node in nodes):
+            for ask in asks:
+                if ask not in unfit:
                     unfit_since.pop(ask.stage, None)
                     continue
                 since = unfit_since.setdefault(ask.stage, now)
