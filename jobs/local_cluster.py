@@ -36,14 +36,13 @@ from typing import Any
 import yaml
 
 from pipeline.cluster_state import publish_node_types
-from pipeline.scheduling import NodeOffer
+from pipeline.scheduling import GiB, NodeOffer
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 STATE_ENV = "MEDPRUNER_LOCAL_CLUSTERS"  # where state files go (default below)
 STATE_DIR = "~/.cache/medpruner/local-clusters"
 MiB = 1024 * 1024
-GiB = 1024 * MiB
 # Every process of the cluster and every client: Ray then takes 127.0.0.1 as this machine's
 # address (by default it picks the network address, and a client's 127.0.0.1 is rewritten).
 CLIENT_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -336,15 +335,14 @@ def start_cluster(spec: LocalSpec, name: str = "default", *, autoscaler: str = "
                            cluster_env(), asdict(spec))
     os.makedirs(cluster.nodes_dir)
     config = autoscaling_config(spec, gcs, cluster.nodes_dir)
-    config_path = os.path.join(temp_dir, "autoscaling.yaml")
-    Path(config_path).write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, **cluster.env, "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_METRIC_PORT": str(free_port()), "AUTOSCALER_UPDATE_INTERVAL_S": "2",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     if autoscaler == "v2":
         env.update(_v2_env())
         config["provider"].update(launch_multiple=True, head_node_id=_fake_head_id())
-        Path(config_path).write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path = os.path.join(temp_dir, "autoscaling.yaml")
+    Path(config_path).write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = _head_command(spec, temp_dir, config_path, gcs_port, dashboard_port)
     cluster.save()
     try:

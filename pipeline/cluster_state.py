@@ -3,7 +3,7 @@
 Ray keeps an autoscaling cluster's node types in the GCS as a ``ClusterConfig`` (node groups
 with their resources and maximum counts; Ray Data reads it to know the cluster's largest
 size). Ray 2.60's own autoscalers do not publish it; ``medpruner cluster local up`` and the
-head of ``cluster.yaml`` do (``python -m jobs.local_cluster publish``). Node labels are not
+head of ``cluster.yaml`` do (``medpruner cluster publish``). Node labels are not
 part of that record, so they are kept beside it under this project's own key.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.scheduling import NodeOffer
+from pipeline.scheduling import ROLE_LABEL, NodeOffer
 
 LABELS_NAMESPACE = b"medpruner"
 LABELS_KEY = b"node_type_labels"
@@ -78,7 +78,7 @@ def live_nodes() -> list[NodeOffer]:
             resources = {k: float(v) for k, v in node.get("Resources", {}).items()
                          if not k.startswith("node:")}
             labels = dict(node.get("Labels") or {})
-            role = labels.get("medpruner.io/role")
+            role = labels.get(ROLE_LABEL)
             name = f"node {node['NodeID'][-6:]}" + (f" ({role})" if role else "")
             offers.append(NodeOffer(name, resources, labels))
     return offers
